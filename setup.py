@@ -1,0 +1,26 @@
+"""Build hook: generate the gRPC stubs (with mypy type stubs) from proto/ at build/install time.
+
+Stubs are never hand-edited or committed; every `pip install` (regular or editable) regenerates them into
+`router/v1/`, so `router.v1.router_pb2` always matches `proto/router/v1/router.proto`.
+"""
+from pathlib import Path
+
+from setuptools import setup
+
+ROOT = Path(__file__).parent
+
+
+def generate_stubs() -> None:
+    from grpc_tools import protoc  # build requirement (pyproject [build-system])
+    import grpc_tools
+
+    protos = sorted(str(p.relative_to(ROOT / "proto")) for p in (ROOT / "proto").rglob("*.proto"))
+    include = str(Path(grpc_tools.__file__).parent / "_proto")
+    args = ["protoc", f"-I{ROOT / 'proto'}", f"-I{include}", f"--python_out={ROOT}", f"--grpc_python_out={ROOT}",
+            f"--mypy_out={ROOT}", f"--mypy_grpc_out={ROOT}", *protos]
+    if protoc.main(args) != 0:
+        raise SystemExit("protoc failed to generate the router.v1 stubs from proto/")
+
+
+generate_stubs()
+setup()
