@@ -1,0 +1,105 @@
+"""Bearer-token auth for the gateway: `authorization: Bearer <token>` metadata, two scopes.
+
+`generate` allows RouterService; `admin` allows AdminService (and implies nothing else). Health and
+reflection are open. Wrong or missing token -> UNAUTHENTICATED; right token, wrong scope -> PERMISSION_DENIED.
+"""
+from __future__ import annotations
+
+import hmac
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+import yaml
+
+from router.config import AuthConfig, ConfigError
+
+SCOPES = ("generate", "admin")
+OPEN_PREFIXES = ("/grpc.health.v1.", "/grpc.reflection.")
+
+
+@dataclass(frozen=True)
+class Token:
+    token: str
+    scopes: frozenset
+    name: str = ""
+
+
+def load_tokens(cfg: AuthConfig) -> list[Token]:
+    raw = list(cfg.tokens)
+    if cfg.tokens_file:
+        p = Path(cfg.tokens_file)
+        if not p.is_file():
+            raise ConfigError(f"auth.tokens_file {p} does not exist")
+        data = yaml.safe_load(p.read_text()) or {}
+        raw += list(data.get("tokens", []))
+    out = []
+    for i, t in enumerate(raw):
+        if not isinstance(t, dict) or not t.get("token"):
+            raise ConfigError(f"auth token #{i} needs a 'token' field")
+        scopes = frozenset(t.get("scopes") or ["generate"])
+        bad = scopes - set(SCOPES)
+        if bad:
+            raise ConfigError(f"auth token #{i} has unknown scopes {sorted(bad)}: use {list(SCOPES)}")
+        if len(str(t["token"])) < 16:
+            raise ConfigError(f"auth token #{i} is shorter than 16 characters: use a long random token")
+        out.append(Token(str(t["token"]), scopes, str(t.get("name", f"token{i}"))))
+    if cfg.enabled and not out:
+        raise ConfigError("auth.enabled is true but no tokens are configured (auth.tokens or auth.tokens_file)")
+    return out
+
+
+def required_scope(method: str) -> str | None:
+    if method.startswith(OPEN_PREFIXES):
+        return None
+    if method.startswith("/router.v1.AdminService/"):
+        return "admin"
+    return "generate"
+
+
+def _aborting_handler(handler, code: grpc.StatusCode, message: str):
+    async def unary(request, context):
+        await context.abort(code, message)
+
+    async def stream(request, context):
+        await context.abort(code, message)
+        yield  # pragma: no cover
+
+    kw = dict(request_deserializer=handler.request_deserializer, response_serializer=handler.response_serializer)
+    if handler.unary_unary:
+        return grpc.unary_unary_rpc_method_handler(unary, **kw)
+    if handler.unary_stream:
+        return grpc.unary_stream_rpc_method_handler(stream, **kw)
+    if handler.stream_unary:
+        return grpc.stream_unary_rpc_method_handler(unary, **kw)
+    return grpc.stream_stream_rpc_method_handler(stream, **kw)
+
+
+class AuthInterceptor(grpc.aio.ServerInterceptor):
+    def __init__(self, tokens: list[Token]):
+        self.tokens = tokens
+
+    def _find(self, presented: str) -> Token | None:
+        found = None
+        for t in self.tokens:
+            if hmac.compare_digest(t.token.encode(), presented.encode()):
+                found = t
+        return found
+
+    async def intercept_service(self, continuation, details):
+        scope = required_scope(details.method)
+        handler = await continuation(details)
+        if scope is None or handler is None:
+            return handler
+        md = dict(details.invocation_metadata or ())
+        value = md.get("authorization", "")
+        if not value.lower().startswith("bearer ") or not value[7:].strip():
+            return _aborting_handler(handler, grpc.StatusCode.UNAUTHENTICATED,
+                                     "missing bearer token: send metadata 'authorization: Bearer <token>'")
+        tok = self._find(value[7:].strip())
+        if tok is None:
+            return _aborting_handler(handler, grpc.StatusCode.UNAUTHENTICATED, "unknown bearer token: check the token")
+        if scope not in tok.scopes:
+            return _aborting_handler(handler, grpc.StatusCode.PERMISSION_DENIED,
+                                     f"token {tok.name!r} lacks the {scope!r} scope needed for {details.method}")
+        return handler

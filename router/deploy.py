@@ -1,0 +1,195 @@
+"""Zero-downtime deployment of registered specialists into the running gateway.
+
+deploy(task, version): validate the registry version (manifest hashes, base fingerprint, rank, target
+modules) -> load it into vLLM under its versioned name (`code@3`) -> one-token smoke generation ->
+switch the routing table atomically -> record the `production` alias -> drain in-flight requests on the
+old name -> unload it. A failure at any step before the switch unloads the new version and leaves the old
+one serving; a failure to record the alias switches the route back. Deploys of one task are serialized
+(one asyncio.Lock per task, plus the registry's file lock across processes); different tasks deploy
+concurrently. Rollback = deploy the previous production version. Retire = route the task to the base
+model and unload its adapter. On start (and after a managed vLLM restart, via the gateway) every
+production adapter is restored; a registry generation counter is polled so an alias moved by another
+gateway replica is picked up.
+"""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections import defaultdict
+from pathlib import Path
+
+from router.errors import FailedPrecondition, NotFound, UserError
+
+log = logging.getLogger("router.deploy")
+
+
+class Deployer:
+    def __init__(self, gw, *, registry_root: str | None = None, drain_timeout_s: float = 120.0):
+        from adapters.registry import Registry
+
+        self.gw = gw
+        self.registry = Registry(registry_root)
+        self.drain_timeout_s = drain_timeout_s
+        self._locks: dict[str, asyncio.Lock] = defaultdict(asyncio.Lock)
+        self._poll_task: asyncio.Task | None = None
+        self._generation = -1
+        self._base_fp: str | None = None
+
+    # -------------------------------------------------------------------------- helpers
+    def base_fingerprint(self) -> str | None:
+        if self._base_fp is None and self.gw.model_dir:
+            from router.model import fingerprint
+
+            with contextlib.suppress(Exception):
+                self._base_fp = fingerprint(Path(self.gw.model_dir))
+        return self._base_fp
+
+    async def _io(self, fn, *args, **kw):
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(None, lambda: fn(*args, **kw))
+
+    async def _validate(self, av) -> None:
+        from adapters.validation import validate_adapter
+
+        await self._io(validate_adapter, av.path, base_fingerprint=self.base_fingerprint(),
+                       max_lora_rank=self.gw.cfg.backend.max_lora_rank, manifest=av.manifest)
+
+    async def _smoke(self, name: str) -> None:
+        payload = {"model": name, "messages": [{"role": "user", "content": "ping"}], "max_tokens": 1, "temperature": 0}
+        async for _ in self.gw.backend.chat_stream(payload, timeout_s=120):
+            pass
+
+    def _drain_then_unload(self, name: str) -> None:
+        async def go():
+            ok = await self.gw.table.drain(name, self.drain_timeout_s)
+            if not ok:
+                log.warning("adapter %s still has requests after %.0f s; unloading anyway", name, self.drain_timeout_s)
+            if name in self.gw.table.routes.values():
+                return  # routed again meanwhile (a quick rollback): keep it
+            try:
+                await self.gw.unload_adapter(name)
+            except UserError as exc:
+                log.warning("unload of %s failed: %s", name, exc)
+        self.gw.spawn(go())
+
+    # ----------------------------------------------------------------------- operations
+    async def deploy(self, task: str, version: str | None = None, *, reason: str = "deploy") -> dict:
+        from adapters.validation import validate_names
+
+        validate_names(task, version)
+        async with self._locks[task]:
+            t0 = time.perf_counter()
+            if version:
+                av = await self._io(self.registry.get, task, version)
+            else:
+                av = await self._io(self.registry.candidate, task)
+                if av is None:
+                    raise FailedPrecondition(f"task {task!r} has no candidate version: pass a version, or promote one "
+                                             f"with `specialist-router adapters promote {task} VERSION --alias candidate`")
+            old = self.gw.table.routes.get(task, "")
+            prev = self.gw.table.loaded.get(old)
+            if old == av.name:
+                return dict(task=task, version=av.version, adapter=av.name, previous_version=av.version, swap_ms=0.0)
+            await self._validate(av)
+            newly_loaded = av.name not in self.gw.table.loaded
+            await self.gw.load_adapter(av.name, str(av.path), task=task, version=av.version)
+            try:
+                await self._smoke(av.name)
+                self.gw.table.set_route(task, av.name)  # the switch: new requests go to the new version
+                try:
+                    await self._io(self.registry.set_alias, task, "production", av.version, reason=reason)
+                except Exception:
+                    self.gw.table.set_route(task, old or None)
+                    raise
+            except BaseException:
+                if newly_loaded:
+                    with contextlib.suppress(Exception):
+                        await self.gw.unload_adapter(av.name)
+                raise
+            swap_ms = (time.perf_counter() - t0) * 1000
+            self._generation = await self._io(self.registry.generation)
+            if old:
+                self._drain_then_unload(old)
+            log.info("deployed %s (was %s) in %.0f ms", av.name, old or "base", swap_ms)
+            return dict(task=task, version=av.version, adapter=av.name,
+                        previous_version=prev.version if prev else "", swap_ms=swap_ms)
+
+    async def rollback(self, task: str) -> dict:
+        from adapters.validation import validate_names
+
+        validate_names(task, None)
+        prev = await self._io(self.registry.previous_production, task)
+        if prev is None:
+            raise FailedPrecondition(f"task {task!r} has no previous production version to roll back to")
+        r = await self.deploy(task, prev.version, reason="rollback")
+        return dict(task=task, version=r["version"], adapter=r["adapter"])
+
+    async def retire(self, task: str) -> dict:
+        from adapters.validation import validate_names
+
+        validate_names(task, None)
+        async with self._locks[task]:
+            old = self.gw.table.routes.get(task, "")
+            prod = await self._io(self.registry.production, task)
+            if not old and prod is None:
+                raise NotFound(f"task {task!r} has no deployed specialist to retire")
+            self.gw.table.set_route(task, None)
+            if prod is not None:
+                await self._io(self.registry.set_alias, task, "production", None, reason="retire")
+            self._generation = await self._io(self.registry.generation)
+            if old:
+                self._drain_then_unload(old)
+            return dict(task=task, previous_version=prod.version if prod else "")
+
+    async def restore(self) -> None:
+        """Load and route every task's production adapter (gateway start)."""
+        tasks = await self._io(self.registry.tasks)
+        for task in tasks:
+            prod = await self._io(self.registry.production, task)
+            if prod is None:
+                continue
+            try:
+                await self._validate(prod)
+                await self.gw.load_adapter(prod.name, str(prod.path), task=task, version=prod.version)
+                self.gw.table.set_route(task, prod.name)
+                log.info("restored %s", prod.name)
+            except Exception as exc:
+                log.error("could not restore production adapter %s: %s", prod.name, exc)
+        self._generation = await self._io(self.registry.generation)
+
+    async def reconcile(self) -> None:
+        """Follow alias moves made by another process/replica."""
+        for task in await self._io(self.registry.tasks):
+            prod = await self._io(self.registry.production, task)
+            routed = self.gw.table.routes.get(task, "")
+            want = prod.name if prod else ""
+            if want == routed:
+                continue
+            try:
+                if prod is None:
+                    await self.retire(task)
+                else:
+                    await self.deploy(task, prod.version, reason="sync")
+            except Exception as exc:
+                log.error("sync of task %s to %s failed: %s", task, want or "base", exc)
+
+    def start_polling(self, interval_s: float = 2.0) -> asyncio.Task:
+        async def loop():
+            while True:
+                await asyncio.sleep(interval_s)
+                try:
+                    g = await self._io(self.registry.generation)
+                    if g != self._generation:
+                        self._generation = g
+                        await self.reconcile()
+                except Exception as exc:
+                    log.error("registry poll failed: %s", exc)
+
+        self._poll_task = asyncio.create_task(loop(), name="registry-poll")
+        return self._poll_task
+
+    def stop(self) -> None:
+        if self._poll_task is not None:
+            self._poll_task.cancel()

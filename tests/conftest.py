@@ -1,0 +1,153 @@
+"""Shared real parts: one vLLM CPU server per test session, gateways on loopback ports.
+
+- `model_dir`: the real SmolLM2-135M-Instruct HF folder (prepared once from the PyPI GGUF).
+- `vllm_server`: a real vLLM OpenAI server (CPU) with runtime LoRA, started once per session.
+- `gateway_factory(**overrides)`: starts a real gRPC gateway in its own thread/event loop against that
+  vLLM (external mode) and returns a handle (`.target`, `.gateway`, `.run(coro)`); stopped at teardown.
+"""
+from __future__ import annotations
+
+import asyncio
+import os
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tests"))
+
+# tests never touch the user's cache; a session-wide data dir under the repo (ignored by git)
+os.environ.setdefault("SPECIALIST_ROUTER_HOME", str(ROOT / ".data" / "test-home"))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def poll(fn, *, timeout_s: float, interval_s: float = 0.2, what: str = "condition"):
+    """Poll fn() until truthy or the deadline passes (no fixed sleeps in tests)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        v = fn()
+        if v:
+            return v
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout_s:.0f} s waiting for {what}")
+        time.sleep(interval_s)
+
+
+@pytest.fixture(scope="session")
+def model_dir() -> Path:
+    from router.model import prepare
+
+    return prepare()
+
+
+@dataclass
+class VLLMHandle:
+    url: str
+    model: str  # served model name
+    model_dir: Path
+    managed: object
+
+
+class _Loop:
+    """An asyncio loop in a daemon thread (gateways and vLLM supervision live there)."""
+
+    def __init__(self):
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.thread.start()
+
+    def run(self, coro, timeout: float | None = 900):
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
+
+    def close(self):
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(5)
+
+
+@pytest.fixture(scope="session")
+def bg_loop():
+    lp = _Loop()
+    yield lp
+    lp.close()
+
+
+@pytest.fixture(scope="session")
+def vllm_server(model_dir, bg_loop):
+    from router.config import BackendConfig
+    from router.managed import ManagedVLLM
+
+    cfg = BackendConfig(max_loras=4, max_cpu_loras=8, max_lora_rank=64, max_model_len=2048, restart=False)
+    m = ManagedVLLM(cfg, str(model_dir))
+    bg_loop.run(m.start())
+    yield VLLMHandle(url=m.url, model=str(model_dir), model_dir=model_dir, managed=m)
+    bg_loop.run(m.stop())
+
+
+@dataclass
+class GatewayHandle:
+    server: object
+    loop: _Loop
+
+    @property
+    def target(self) -> str:
+        return self.server.target
+
+    @property
+    def gateway(self):
+        return self.server.gateway
+
+    def run(self, coro, timeout: float | None = 600):
+        return self.loop.run(coro, timeout)
+
+
+@pytest.fixture(scope="session")
+def gateway_factory(vllm_server, bg_loop, tmp_path_factory):
+    from router import config
+    from router.server import build
+
+    started: list[GatewayHandle] = []
+
+    def make(overrides: dict | None = None, *, external: bool = True) -> GatewayHandle:
+        o = {"port": 0, "classifier": {"enabled": False}, "logs": {"enabled": False},
+             "registry": str(tmp_path_factory.mktemp("registry"))}
+        for k, v in (overrides or {}).items():
+            if isinstance(v, dict) and isinstance(o.get(k), dict):
+                o[k] = {**o[k], **v}
+            else:
+                o[k] = v
+        if external:
+            o.setdefault("backend", {})
+            o["backend"] = {"mode": "external", "url": vllm_server.url, "model": str(vllm_server.model_dir),
+                            **o["backend"]}
+        cfg = config.load(None, o)
+        server = bg_loop.run(build(cfg, progress=lambda *_: None))
+        h = GatewayHandle(server, bg_loop)
+        started.append(h)
+        return h
+
+    yield make
+    for h in started:
+        try:
+            bg_loop.run(h.server.stop(grace_s=1), timeout=120)
+        except Exception:
+            pass
+
+
+@pytest.fixture(scope="session")
+def gateway(gateway_factory):
+    """The default test gateway: no classifier, no logs, external mode against the session vLLM."""
+    return gateway_factory()
+
+
+@pytest.fixture()
+def client(gateway):
+    from router.client import Client
+
+    with Client(gateway.target, timeout=300) as c:
+        yield c
