@@ -39,7 +39,7 @@ def vllm_command(cfg: BackendConfig, model: str, port: int, served_name: str | N
            "--model", model, "--host", "127.0.0.1", "--port", str(port),
            "--dtype", cfg.dtype, "--max-model-len", str(cfg.max_model_len),
            "--enable-lora", "--max-loras", str(cfg.max_loras), "--max-cpu-loras", str(cfg.max_cpu_loras),
-           "--max-lora-rank", str(cfg.max_lora_rank), "--disable-uvicorn-access-log", "--disable-log-stats"]
+           "--max-lora-rank", str(cfg.max_lora_rank), "--disable-uvicorn-access-log"]
     if served_name:
         cmd += ["--served-model-name", served_name]
     if cfg.api_key:

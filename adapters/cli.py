@@ -1,0 +1,355 @@
+"""`specialist-router adapters ...`: the registry on disk, and deploys through the running gateway.
+
+Registry-only commands (no gateway needed): `list`, `show`, `register`, `promote`, `validate`.
+Gateway commands (AdminService over gRPC): `deploy`, `rollback`, `retire`, `loaded`.
+Every command takes `--json` for scripts; each is a plain `main(args) -> int`.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+from router.errors import InvalidArgument, UserError
+
+ENV_TOKEN = "SPECIALIST_ROUTER_TOKEN"
+DEFAULT_TARGET = "127.0.0.1:50051"
+
+
+# ------------------------------------------------------------------------------------------- helpers
+
+def _registry(args):
+    from adapters.registry import Registry
+
+    return Registry(args.registry or None)
+
+
+def _emit(args, data, table=None) -> None:
+    """--json: data as JSON on stdout; else the rich table (or data pretty-printed)."""
+    if getattr(args, "json", False) or table is None:
+        print(json.dumps(data, indent=2, sort_keys=True, default=str))
+        return
+    from rich.console import Console
+
+    Console().print(table)
+
+
+def _table(title: str, columns: list[str], rows: list[list]):
+    from rich.table import Table
+
+    t = Table(title=title)
+    for c in columns:
+        t.add_column(c)
+    for r in rows:
+        t.add_row(*["" if v is None else str(v) for v in r])
+    return t
+
+
+def _version_dict(av) -> dict:
+    return {"task": av.task, "version": av.version, "name": av.name, "path": str(av.path), "manifest": av.manifest}
+
+
+# --------------------------------------------------------------------------------- registry commands
+
+def list_main(args) -> int:
+    reg = _registry(args)
+    rows = []
+    for task in reg.tasks():
+        aliases = reg.aliases(task)
+        rows.append({"task": task, "production": aliases["production"], "candidate": aliases["candidate"],
+                     "versions": [v.version for v in reg.versions(task)]})
+    table = _table(f"adapters in {reg.root}", ["task", "production", "candidate", "versions"],
+                   [[r["task"], r["production"] or "-", r["candidate"] or "-", ", ".join(r["versions"])] for r in rows])
+    _emit(args, {"registry": str(reg.root), "generation": reg.generation(), "tasks": rows}, table)
+    return 0
+
+
+def show_main(args) -> int:
+    reg = _registry(args)
+    aliases = reg.aliases(args.task)
+    history = reg.history(args.task)
+    if args.version:
+        av = reg.get(args.task, args.version)
+        data = {**_version_dict(av), "aliases": [a for a, v in aliases.items() if v == av.version],
+                "history": [h for h in history if h.get("from") == av.version or h.get("to") == av.version]}
+        if args.json:
+            _emit(args, data)
+            return 0
+        m = av.manifest
+        from rich.console import Console
+
+        con = Console()
+        rows = [["name", av.name], ["path", av.path], ["aliases", ", ".join(data["aliases"]) or "-"],
+                ["base", f"{m.get('base_model_id')} ({m.get('base_fingerprint', '')[:23]}...)"],
+                ["rank / alpha", f"{m.get('rank')} / {m.get('alpha')}"],
+                ["target modules", ", ".join(av.target_modules)], ["parent", m.get("parent") or "-"],
+                ["data fingerprint", m.get("data_fingerprint") or "-"], ["created", m.get("created_at")],
+                ["metrics", json.dumps(m.get("metrics") or {}, sort_keys=True)]]
+        rows += [[f"file {k}", v[:16] + "..."] for k, v in sorted((m.get("files") or {}).items())]
+        con.print(_table(av.name, ["field", "value"], rows))
+    else:
+        versions = reg.versions(args.task)
+        if not versions and not history:
+            from router.errors import NotFound
+
+            raise NotFound(f"task {args.task!r} is not in the registry {reg.root}; "
+                           f"`specialist-router adapters list` shows the registered tasks")
+        data = {"task": args.task, "aliases": aliases, "versions": [_version_dict(v) for v in versions],
+                "history": history}
+        if args.json:
+            _emit(args, data)
+            return 0
+        from rich.console import Console
+
+        con = Console()
+        con.print(_table(f"{args.task} versions", ["version", "aliases", "rank", "base", "metrics", "created"],
+                         [[v.version, ", ".join(a for a, x in aliases.items() if x == v.version) or "-", v.rank,
+                           v.manifest.get("base_model_id"), json.dumps(v.manifest.get("metrics") or {}, sort_keys=True),
+                           v.manifest.get("created_at")] for v in versions]))
+    if not args.json:
+        con.print(_table(f"{args.task} alias history", ["time", "alias", "from", "to", "actor", "reason"],
+                         [[h.get("time"), h.get("alias"), h.get("from") or "-", h.get("to") or "-", h.get("actor"),
+                           h.get("reason")] for h in history]))
+    return 0
+
+
+def register_main(args) -> int:
+    from router import model
+
+    metrics = None
+    if args.metrics:
+        text = Path(args.metrics[1:]).read_text() if args.metrics.startswith("@") else args.metrics
+        try:
+            metrics = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise InvalidArgument(f"--metrics is not valid JSON ({exc}); pass e.g. '{{\"eval_loss\": 1.2}}' "
+                                  "or @metrics.json") from exc
+        if not isinstance(metrics, dict):
+            raise InvalidArgument("--metrics must be a JSON object, e.g. '{\"eval_loss\": 1.2}'")
+    base_dir = Path(model.resolve(args.base_model))
+    if not base_dir.is_dir():
+        raise InvalidArgument(f"--base-model {args.base_model} is not a local model folder; pass the folder the "
+                              "adapter was trained on (its weights are fingerprinted)")
+    base_id = args.base_model_id
+    if not base_id:
+        try:
+            base_id = model.read_manifest(base_dir).get("model_id") or str(base_dir)
+        except UserError:
+            base_id = str(base_dir)
+    reg = _registry(args)
+    av = reg.register(args.task, args.peft_dir, base_model_id=base_id, base_fingerprint=model.fingerprint(base_dir),
+                      data_fingerprint=args.data_fingerprint or "", metrics=metrics, parent=args.parent or None)
+    if args.alias:
+        reg.set_alias(av.task, args.alias, av.version, reason=args.reason or "register")
+    if args.json:
+        _emit(args, _version_dict(av))
+    else:
+        print(f"registered {av.name} at {av.path}" + (f" (alias {args.alias})" if args.alias else ""))
+    return 0
+
+
+def promote_main(args) -> int:
+    reg = _registry(args)
+    version = None if args.version in ("none", "-") else args.version
+    before = reg.aliases(args.task)[args.alias]
+    reg.set_alias(args.task, args.alias, version, reason=args.reason or "promote")
+    data = {"task": args.task, "alias": args.alias, "from": before, "to": version, "generation": reg.generation()}
+    if args.json:
+        _emit(args, data)
+    else:
+        print(f"{args.task}: {args.alias} {before or '-'} -> {version or '-'}"
+              + ("  (registry only; the gateway follows on its next poll, or run `adapters deploy`)"
+                 if args.alias == "production" else ""))
+    return 0
+
+
+def validate_main(args) -> int:
+    from adapters.validation import validate_adapter
+
+    fp = None
+    if args.base_model:
+        from router import model
+
+        fp = model.fingerprint(Path(args.base_model))
+    servable = args.servable_modules.split(",") if args.servable_modules else None
+    info = validate_adapter(args.path, base_fingerprint=fp, base_model_id=args.base_model_id,
+                            max_lora_rank=args.max_lora_rank, servable_modules=servable)
+    if args.json:
+        _emit(args, info)
+    else:
+        print(f"ok: {args.path} is a servable LoRA (rank {info['rank']}, modules {', '.join(info['target_modules'])})")
+    return 0
+
+
+# ---------------------------------------------------------------------------------- gateway commands
+
+def _call(args, method: str, request):
+    """Call AdminService.<method> on the gateway; gRPC errors become UserErrors with their status."""
+    import grpc
+
+    from router import errors
+    from router.v1 import router_pb2_grpc
+
+    token = args.token if args.token is not None else os.environ.get(ENV_TOKEN, "")
+    metadata = [("authorization", f"Bearer {token}")] if token else []
+    with grpc.insecure_channel(args.target) as channel:
+        stub = router_pb2_grpc.AdminServiceStub(channel)
+        try:
+            return getattr(stub, method)(request, metadata=metadata, timeout=args.timeout)
+        except grpc.RpcError as exc:
+            code, details = exc.code(), exc.details() or ""
+            by_code = {c.code: c for c in (errors.InvalidArgument, errors.NotFound, errors.AlreadyExists,
+                                           errors.FailedPrecondition, errors.ResourceExhausted,
+                                           errors.Unauthenticated, errors.PermissionDenied)}
+            if code == grpc.StatusCode.UNAVAILABLE:
+                raise errors.Unavailable(f"cannot reach the gateway at {args.target} ({details}); start it with "
+                                         "`specialist-router serve` or pass --target HOST:PORT") from None
+            if code == grpc.StatusCode.DEADLINE_EXCEEDED:
+                raise errors.Unavailable(f"the gateway at {args.target} did not answer {method} within "
+                                         f"{args.timeout:.0f} s; raise --timeout or check its logs") from None
+            if code == grpc.StatusCode.UNAUTHENTICATED:
+                raise errors.Unauthenticated(f"{details or 'unauthenticated'}; pass --token or set {ENV_TOKEN}") from None
+            cls = by_code.get(code)
+            if cls is None:
+                raise RuntimeError(f"{method} failed on {args.target}: {code.name}: {details}") from None
+            raise cls(details) from None
+
+
+def _message_dict(msg) -> dict:
+    from google.protobuf.json_format import MessageToDict
+
+    return MessageToDict(msg, preserving_proto_field_name=True, always_print_fields_with_no_presence=True)
+
+
+def deploy_main(args) -> int:
+    from router.v1 import router_pb2
+
+    r = _call(args, "DeployAdapter", router_pb2.DeployAdapterRequest(task=args.task, version=args.version or ""))
+    if args.json:
+        _emit(args, _message_dict(r))
+    else:
+        print(f"deployed {r.adapter} for task {r.task} (was {r.previous_version or 'base'}; "
+              f"switched in {r.swap_ms:.0f} ms)")
+    return 0
+
+
+def rollback_main(args) -> int:
+    from router.v1 import router_pb2
+
+    r = _call(args, "RollbackAdapter", router_pb2.RollbackAdapterRequest(task=args.task))
+    if args.json:
+        _emit(args, _message_dict(r))
+    else:
+        print(f"rolled back task {r.task} to {r.adapter}")
+    return 0
+
+
+def retire_main(args) -> int:
+    from router.v1 import router_pb2
+
+    r = _call(args, "RetireAdapter", router_pb2.RetireAdapterRequest(task=args.task))
+    if args.json:
+        _emit(args, _message_dict(r))
+    else:
+        print(f"retired task {r.task}'s specialist (was version {r.previous_version or '-'}); the base model answers it")
+    return 0
+
+
+def loaded_main(args) -> int:
+    from router.v1 import router_pb2
+
+    r = _call(args, "ListAdapters", router_pb2.ListAdaptersRequest())
+    data = _message_dict(r)
+    table = _table(f"adapters loaded in {args.target}", ["name", "task", "version", "routed", "in flight", "path"],
+                   [[a.name, a.task, a.version, "yes" if a.routed else "no", a.in_flight, a.path] for a in r.adapters])
+    _emit(args, data, table)
+    if not args.json:
+        routes = ", ".join(f"{e.task} -> {e.adapter}" for e in r.routes) or "none (the base model answers all)"
+        print(f"routes: {routes}")
+    return 0
+
+
+# -------------------------------------------------------------------------------------------- parser
+
+def add_commands(subparsers) -> None:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--json", action="store_true", help="machine-readable JSON on stdout")
+    reg = argparse.ArgumentParser(add_help=False)
+    reg.add_argument("--registry", default="", help="registry root (default: <data dir>/adapters, "
+                                                    "data dir from $SPECIALIST_ROUTER_HOME)")
+    gw = argparse.ArgumentParser(add_help=False)
+    gw.add_argument("--target", default=DEFAULT_TARGET, help=f"gateway address (default {DEFAULT_TARGET})")
+    gw.add_argument("--token", default=None, help=f"admin bearer token (default ${ENV_TOKEN})")
+    gw.add_argument("--timeout", type=float, default=300.0, help="seconds to wait for the gateway (default 300)")
+
+    p = subparsers.add_parser("adapters", help="LoRA specialist registry: list, register, promote, deploy",
+                              description=__doc__.splitlines()[0])
+    sub = p.add_subparsers(dest="adapters_command", metavar="COMMAND")
+    sub.required = True
+
+    s = sub.add_parser("list", parents=[common, reg], help="tasks with their production/candidate versions")
+    s.set_defaults(func=list_main)
+
+    s = sub.add_parser("show", parents=[common, reg], help="a task's versions and alias history, or one manifest")
+    s.add_argument("task")
+    s.add_argument("version", nargs="?", default="")
+    s.set_defaults(func=show_main)
+
+    s = sub.add_parser("register", parents=[common, reg], help="validate a PEFT folder and add it as the next version")
+    s.add_argument("task")
+    s.add_argument("peft_dir")
+    s.add_argument("--base-model", default=None,
+                   help="base model folder the adapter was trained on (default: the prepared SmolLM2)")
+    s.add_argument("--base-model-id", default="", help="id recorded in the manifest (default: from the model folder)")
+    s.add_argument("--metrics", default="", help="JSON object of evaluation metrics, or @file.json")
+    s.add_argument("--data-fingerprint", default="", help="fingerprint of the training data")
+    s.add_argument("--parent", default="", help="version this one derives from / replaces")
+    s.add_argument("--alias", choices=["candidate", "production"], default=None,
+                   help="also point this alias at the new version (registry only)")
+    s.add_argument("--reason", default="", help="recorded in the alias history")
+    s.set_defaults(func=register_main)
+
+    s = sub.add_parser("promote", parents=[common, reg],
+                       help="move an alias to a version in the registry (no gateway call; use deploy to serve it)")
+    s.add_argument("task")
+    s.add_argument("version", help="version number, or 'none' to clear the alias")
+    s.add_argument("--alias", choices=["candidate", "production"], required=True)
+    s.add_argument("--reason", default="", help="recorded in the alias history")
+    s.set_defaults(func=promote_main)
+
+    s = sub.add_parser("validate", parents=[common], help="check a PEFT folder is servable, without registering it")
+    s.add_argument("path")
+    s.add_argument("--base-model", default=None, help="base model folder to compare fingerprints with")
+    s.add_argument("--base-model-id", default=None, help="base id (picks servable modules: gpt-oss vs Llama-like)")
+    s.add_argument("--max-lora-rank", type=int, default=None, help="the server's --max-lora-rank")
+    s.add_argument("--servable-modules", default="", help="comma-separated module names the engine serves")
+    s.set_defaults(func=validate_main)
+
+    s = sub.add_parser("deploy", parents=[common, gw],
+                       help="gateway: validate, load and route a version (default: the candidate)")
+    s.add_argument("task")
+    s.add_argument("version", nargs="?", default="")
+    s.set_defaults(func=deploy_main)
+
+    s = sub.add_parser("rollback", parents=[common, gw], help="gateway: deploy the previous production version")
+    s.add_argument("task")
+    s.set_defaults(func=rollback_main)
+
+    s = sub.add_parser("retire", parents=[common, gw], help="gateway: stop routing the task to a specialist")
+    s.add_argument("task")
+    s.set_defaults(func=retire_main)
+
+    s = sub.add_parser("loaded", parents=[common, gw], help="gateway: adapters loaded in the backend and the routes")
+    s.set_defaults(func=loaded_main)
+
+
+def main(argv: list[str] | None = None) -> int:
+    from router.cli import main as top
+
+    return top(["adapters", *(sys.argv[1:] if argv is None else argv)])
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,75 @@
+"""Task classifier: turns a prompt into `(task, confidence)` for routing.
+
+Default task set (the labels of `classifier/data/seed.jsonl`):
+
+- `code`: programs, SQL, shell, config, APIs: write, fix, explain, review, port or test code; errors and
+  tracebacks; how to use a programming tool or library.
+- `math`: problems, calculations, proofs, statistics.
+- `writing`: producing or polishing prose for someone: stories, poems, emails, letters, marketing and
+  product copy, essays, blog posts (a blog post *about* code is writing), proofreading and rewriting.
+- `translation`: translating between human languages (also translating code comments or UI strings;
+  porting code between programming languages is `code`).
+- `summarization`: condensing given text (or a named work) into a shorter form: summaries, TL;DRs, key points.
+- `extraction`: pulling structured fields out of given text, or labeling given text (entities, JSON fields,
+  sentiment, categories, intents).
+- `general`: everything else, and anything ambiguous: questions, advice, chit-chat, role-play set-up,
+  "I will send you parts, reply acknowledged" turns.
+
+`general` and abstentions (confidence below the artifact's threshold) go to the base model.
+
+Public API (the contract the gateway uses):
+
+    clf = classifier.load()                 # default dir's current version (or a path)
+    clf.predict(["fix this SQL ..."])       # -> [("code", 0.97)]
+    clf.predict_detailed(texts)             # -> [Prediction(task, confidence, abstained, scores, truncated)]
+    classifier.ensure_default()             # builds the default artifact from the seed set if absent
+
+Operators can train their own task set from labeled JSONL (`{"text": ..., "label": ...}` per line) with
+`specialist-router classifier train --data my.jsonl`; see docs/classifier.md.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+from classifier.artifact import Classifier, Prediction, load
+
+DEFAULT_TASKS = ["code", "math", "writing", "translation", "summarization", "extraction", "general"]
+GENERAL = "general"
+
+__all__ = ["Classifier", "Prediction", "load", "ensure_default", "DEFAULT_TASKS", "GENERAL", "seed_path",
+           "heldout_path"]
+
+
+def seed_path() -> Path:
+    """The labeled seed set for the default task set (shipped in the package)."""
+    return Path(__file__).parent / "data" / "seed.jsonl"
+
+
+def heldout_path() -> Path:
+    """Held-out real ShareGPT first turns, labeled by hand; accuracy is reported on these."""
+    return Path(__file__).parent / "data" / "heldout_real.jsonl"
+
+
+def ensure_default() -> Path:
+    """Build the default artifact (embeddings + logistic regression on the seed set) if absent.
+
+    Idempotent: returns the current version's folder when it exists and verifies; otherwise trains
+    (about 20-40 s on 2 CPU cores) and points `current` at the new version.
+    """
+    from router.errors import FailedPrecondition
+    from router.paths import classifier_dir
+
+    from classifier import artifact
+    from classifier.train import TrainConfig, train
+
+    root = classifier_dir()
+    try:
+        return artifact.resolve(root)
+    except FailedPrecondition:
+        pass
+    with artifact.build_lock(root):
+        try:  # another process may have built it while we waited
+            return artifact.resolve(root)
+        except FailedPrecondition:
+            pass
+        return train(TrainConfig(data=seed_path(), out=root, model="embed")).path

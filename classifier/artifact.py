@@ -1,0 +1,207 @@
+"""The classifier artifact: `<dir>/<version>/{model.joblib,metadata.json}` plus `<dir>/current`.
+
+`metadata.json` records the format version, tasks, threshold, model kind, embedding model id, metrics,
+the sha256 of the training JSONL (data fingerprint), created_at and the sha256 of every other file in the
+version folder; `load` verifies them before unpickling anything. `current` names the active version and is
+replaced atomically (write a temp file, `os.replace`).
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from router.errors import FailedPrecondition, InvalidArgument
+
+FORMAT_VERSION = 1
+MODEL_FILE = "model.joblib"
+METADATA_FILE = "metadata.json"
+CURRENT_FILE = "current"
+FIX = "build it with `specialist-router classifier train` (or delete the folder to rebuild the default)"
+
+
+@dataclass(frozen=True)
+class Prediction:
+    task: str  # the most likely task (even when abstained)
+    confidence: float  # its calibrated probability
+    abstained: bool  # confidence < threshold: route to the base model
+    scores: dict[str, float] = field(default_factory=dict)  # probability of every task
+    truncated: bool = False  # the text exceeded the embedder's limit and only its start was used
+
+
+def resolve(root: str | Path) -> Path:
+    """The version folder that `<root>/current` names (or root itself if it is a version folder)."""
+    root = Path(root)
+    if (root / METADATA_FILE).is_file():
+        return root
+    cur = root / CURRENT_FILE
+    if not cur.is_file():
+        raise FailedPrecondition(f"no classifier artifact at {root} (missing {cur}): {FIX}")
+    name = cur.read_text(encoding="utf-8").strip()
+    if not name or "/" in name or "\\" in name or name in (".", ".."):
+        raise FailedPrecondition(f"{cur} is corrupt (names {name!r}): {FIX}")
+    path = root / name
+    if not (path / METADATA_FILE).is_file():
+        raise FailedPrecondition(f"{cur} names version {name!r} but {path / METADATA_FILE} is missing: {FIX}")
+    return path
+
+
+def set_current(root: Path, version: str) -> None:
+    tmp = root / f".{CURRENT_FILE}.{os.getpid()}.tmp"
+    tmp.write_text(version + "\n", encoding="utf-8")
+    os.replace(tmp, root / CURRENT_FILE)
+
+
+@contextlib.contextmanager
+def build_lock(root: Path):
+    """Inter-process lock while building the default artifact (flock on `<root>/.lock`)."""
+    import fcntl
+
+    root.mkdir(parents=True, exist_ok=True)
+    with open(root / ".lock", "w") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def write_version(root: Path, version: str, model: object, metadata: dict) -> Path:
+    """Write `<root>/<version>/` completely in a temp folder, rename it into place, then point `current` at it."""
+    import joblib
+
+    from classifier.dataset import sha256_file
+
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / version
+    if final.exists():
+        raise FailedPrecondition(f"classifier version {final} already exists; choose another --version")
+    tmp = root / f".{version}.{os.getpid()}.tmp"
+    tmp.mkdir()
+    joblib.dump(model, tmp / MODEL_FILE)
+    meta = dict(metadata)
+    meta["format_version"] = FORMAT_VERSION
+    meta["version"] = version
+    meta["files"] = {MODEL_FILE: sha256_file(tmp / MODEL_FILE)}
+    (tmp / METADATA_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    os.replace(tmp, final)
+    set_current(root, version)
+    return final
+
+
+def _read_metadata(path: Path) -> dict:
+    mpath = path / METADATA_FILE
+    try:
+        meta = json.loads(mpath.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise FailedPrecondition(f"classifier metadata {mpath} is missing: {FIX}") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise FailedPrecondition(f"classifier metadata {mpath} is corrupt ({exc}): {FIX}") from None
+    required = ("format_version", "tasks", "threshold", "kind", "files", "version")
+    if not isinstance(meta, dict) or any(k not in meta for k in required):
+        raise FailedPrecondition(f"classifier metadata {mpath} lacks one of {list(required)}: {FIX}")
+    if meta["format_version"] != FORMAT_VERSION:
+        raise FailedPrecondition(f"{mpath} has format version {meta['format_version']}, this code reads "
+                                 f"{FORMAT_VERSION}: {FIX}")
+    return meta
+
+
+def load(path: str | Path | None = None) -> "Classifier":
+    """Load an artifact: None = the default dir's current version; a dir with `current`; or a version dir."""
+    from classifier.dataset import sha256_file
+
+    if path is None:
+        from router.paths import classifier_dir
+
+        path = classifier_dir()
+    vpath = resolve(path)
+    meta = _read_metadata(vpath)
+    for name, digest in meta["files"].items():
+        f = vpath / name
+        if not f.is_file():
+            raise FailedPrecondition(f"classifier file {f} is missing: {FIX}")
+        if sha256_file(f) != digest:
+            raise FailedPrecondition(f"classifier file {f} does not match its sha256 in {vpath / METADATA_FILE} "
+                                     f"(corrupt or edited): {FIX}")
+    import joblib
+
+    try:
+        model = joblib.load(vpath / MODEL_FILE)
+    except Exception as exc:  # noqa: BLE001 - any unpickling failure is a corrupt artifact
+        raise FailedPrecondition(f"classifier model {vpath / MODEL_FILE} cannot be loaded ({exc}): {FIX}") from None
+    return Classifier(model=model, metadata=meta, path=vpath)
+
+
+class Classifier:
+    """A loaded artifact. `predict*` are thread-safe (the embedder serializes its forward pass)."""
+
+    def __init__(self, *, model, metadata: dict, path: Path | None = None, embedder=None):
+        self.model = model
+        self.metadata = metadata
+        self.path = path
+        self.tasks: list[str] = list(metadata["tasks"])
+        self.threshold: float = float(metadata["threshold"])
+        self.version: str = str(metadata.get("version", ""))
+        self.kind: str = metadata["kind"]  # "embed" | "tfidf"
+        self._embedder = embedder
+        self._embedder_lock = threading.Lock()
+        classes = list(getattr(model, "classes_", []))
+        if sorted(classes) != sorted(self.tasks):
+            raise FailedPrecondition(f"classifier model classes {classes} differ from metadata tasks {self.tasks}: {FIX}")
+        self._col = [classes.index(t) for t in self.tasks]
+
+    @property
+    def embedder(self):
+        if self._embedder is None:
+            with self._embedder_lock:
+                if self._embedder is None:
+                    from classifier.embed import Embedder
+
+                    self._embedder = Embedder()
+        return self._embedder
+
+    def features(self, texts: list[str]) -> tuple[object, list[bool]]:
+        if self.kind == "embed":
+            return self.embedder.encode(texts)
+        return list(texts), [False] * len(texts)
+
+    def probabilities(self, texts: list[str]) -> tuple[np.ndarray, list[bool]]:
+        """[n, len(tasks)] probabilities in `self.tasks` order, and truncated flags."""
+        _check_texts(texts)
+        if not texts:
+            return np.zeros((0, len(self.tasks))), []
+        x, truncated = self.features(texts)
+        proba = np.asarray(self.model.predict_proba(x))[:, self._col]
+        return proba, truncated
+
+    def predict_detailed(self, texts: list[str]) -> list[Prediction]:
+        proba, truncated = self.probabilities(texts)
+        out = []
+        for row, trunc in zip(proba, truncated):
+            k = int(np.argmax(row))
+            conf = float(row[k])
+            out.append(Prediction(task=self.tasks[k], confidence=conf, abstained=conf < self.threshold,
+                                  scores={t: float(p) for t, p in zip(self.tasks, row)}, truncated=bool(trunc)))
+        return out
+
+    def predict(self, texts: list[str]) -> list[tuple[str, float]]:
+        """(most likely task, confidence) per text; compare confidence with `threshold` to abstain."""
+        return [(p.task, p.confidence) for p in self.predict_detailed(texts)]
+
+    def __repr__(self) -> str:
+        return f"Classifier(version={self.version!r}, kind={self.kind!r}, tasks={self.tasks}, threshold={self.threshold:.2f})"
+
+
+def _check_texts(texts) -> None:
+    if isinstance(texts, str):
+        raise InvalidArgument("predict takes a list of texts, not a single string")
+    for i, t in enumerate(texts):
+        if not isinstance(t, str):
+            raise InvalidArgument(f"text #{i} is {type(t).__name__}, expected a string")
+        if not t.strip():
+            raise InvalidArgument(f"text #{i} is empty or only whitespace: send the prompt to classify")

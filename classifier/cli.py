@@ -1,0 +1,110 @@
+"""`specialist-router classifier {train,eval,predict}`: build, score and try the task classifier.
+
+Each command is `main_<name>(args) -> int`; errors a user can fix raise `router.errors.UserError`
+subclasses, which the top-level CLI prints as one line (exit status 2).
+"""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+
+def add_commands(subparsers) -> None:
+    p = subparsers.add_parser("classifier", help="train, evaluate and try the task classifier",
+                              description=__doc__.splitlines()[0])
+    sub = p.add_subparsers(dest="classifier_command", metavar="SUBCOMMAND")
+    sub.required = True
+
+    t = sub.add_parser("train", help="train a new artifact version from labeled JSONL and make it current")
+    t.add_argument("--data", type=Path, default=None, help="labeled JSONL ({'text','label'} per line); default: the seed set")
+    t.add_argument("--out", type=Path, default=None, help="artifact root; default: <data dir>/classifier")
+    t.add_argument("--model", choices=("embed", "tfidf", "auto"), default="embed",
+                   help="embed: MiniLM embeddings + logistic regression (default); tfidf: TF-IDF baseline; "
+                        "auto: the better on the validation split")
+    t.add_argument("--threshold", type=float, default=None, help="fixed abstain threshold in [0,1]; default: chosen on the validation split")
+    t.add_argument("--max-misroute", type=float, default=0.02, help="threshold choice: accepted validation misroute rate")
+    t.add_argument("--version", default="", help="version folder name; default: UTC timestamp")
+    t.add_argument("--json", action="store_true", help="print the artifact metadata as JSON")
+    t.set_defaults(func=main_train)
+
+    e = sub.add_parser("eval", help="accuracy, macro-F1, per-class scores, confusion and routing on labeled JSONL")
+    e.add_argument("--data", type=Path, default=None, help="labeled JSONL; default: the held-out real set")
+    e.add_argument("--path", type=Path, default=None, help="artifact (root or version folder); default: current")
+    e.add_argument("--threshold", type=float, default=None, help="evaluate at this threshold instead of the artifact's")
+    e.add_argument("--json", action="store_true", help="print the metrics as JSON")
+    e.set_defaults(func=main_eval)
+
+    q = sub.add_parser("predict", help="classify texts given as arguments, or one per line on stdin")
+    q.add_argument("texts", nargs="*", help="texts; none: read lines from stdin")
+    q.add_argument("--path", type=Path, default=None, help="artifact (root or version folder); default: current")
+    q.add_argument("--json", action="store_true", help="one JSON object per text")
+    q.set_defaults(func=main_predict)
+
+
+def main_train(args) -> int:
+    import classifier
+    from classifier.train import TrainConfig, train
+    from router.paths import classifier_dir
+
+    _threads()
+    cfg = TrainConfig(data=args.data or classifier.seed_path(), out=args.out or classifier_dir(), model=args.model,
+                      threshold=args.threshold, max_misroute=args.max_misroute, version=args.version)
+    res = train(cfg, log=(lambda *a: print(*a, file=sys.stderr)) if args.json else print)
+    if args.json:
+        print(json.dumps(res.metadata, indent=2))
+    else:
+        print(f"current classifier: {res.path}")
+    return 0
+
+
+def main_eval(args) -> int:
+    import classifier
+    from classifier.metrics import evaluate, format_report
+    from classifier.train import predict_file
+    from router.errors import InvalidArgument
+
+    _threads()
+    clf = classifier.load(args.path)
+    data = args.data or classifier.heldout_path()
+    ex, pred, conf = predict_file(clf, data)
+    unknown = sorted(set(ex.labels) - set(clf.tasks))
+    if unknown:
+        raise InvalidArgument(f"{data} has labels {unknown} that classifier {clf.version} does not know ({clf.tasks})")
+    thr = clf.threshold if args.threshold is None else float(args.threshold)
+    m = evaluate(ex.labels, pred, conf, clf.tasks, thr)
+    m.update(version=clf.version, kind=clf.kind, data=str(data))
+    if args.json:
+        print(json.dumps(m, indent=2))
+    else:
+        print(format_report(m, f"classifier {clf.version} ({clf.kind}) on {data}"))
+    return 0
+
+
+def main_predict(args) -> int:
+    import classifier
+
+    _threads()
+    texts = list(args.texts) or [line.rstrip("\n") for line in sys.stdin if line.strip()]
+    clf = classifier.load(args.path)
+    for text, p in zip(texts, clf.predict_detailed(texts)):
+        if args.json:
+            print(json.dumps({"task": p.task, "confidence": round(p.confidence, 4), "abstained": p.abstained,
+                              "truncated": p.truncated, "scores": {k: round(v, 4) for k, v in p.scores.items()}}))
+        else:
+            flag = " (abstain: base model)" if p.abstained else ""
+            print(f"{p.task}\t{p.confidence:.3f}{flag}\t{text[:60]!r}")
+    return 0
+
+
+def _threads() -> None:
+    import os
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+if __name__ == "__main__":  # python -m classifier.cli train|eval|predict ...
+    from router.cli import main as _main
+
+    sys.exit(_main(["classifier", *sys.argv[1:]]))

@@ -1,0 +1,179 @@
+"""Train a classifier artifact from labeled JSONL: embeddings (or TF-IDF) + logistic regression.
+
+Steps: read + validate the data; hold out a stratified validation split; fit each candidate model kind on
+the rest and score it on the split (`auto` keeps the better macro-F1); choose the abstain threshold on the
+split's predictions (smallest threshold whose misroute rate is <= `max_misroute`); refit the chosen kind on
+all the data; write a new version folder and point `current` at it.
+"""
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+
+from router.errors import InvalidArgument
+
+KINDS = ("embed", "tfidf", "auto")
+
+
+@dataclass
+class TrainConfig:
+    """One `classifier train` run."""
+
+    data: Path  # labeled JSONL ({"text","label"} per line)
+    out: Path  # artifact root: a new `<out>/<version>/` is written and `<out>/current` points at it
+    model: str = "auto"  # embed | tfidf | auto (pick by validation macro-F1)
+    threshold: float | None = None  # fixed abstain threshold; None: choose on the validation split
+    max_misroute: float = 0.02  # threshold choice: largest accepted misroute rate on the validation split
+    min_threshold: float = 0.5  # never choose a threshold below this
+    val_fraction: float = 0.25  # stratified validation split
+    C: float | None = None  # inverse regularization of the logistic regression; None: 3 (embed), 10 (tfidf)
+    version: str = ""  # version name; empty: UTC timestamp
+    seed: int = 0
+    extra_metadata: dict = field(default_factory=dict)
+
+    def validate(self) -> None:
+        if self.model not in KINDS:
+            raise InvalidArgument(f"--model must be one of {KINDS}, got {self.model!r}")
+        if self.threshold is not None and not 0.0 <= self.threshold <= 1.0:
+            raise InvalidArgument(f"--threshold must be in [0, 1], got {self.threshold}")
+        if not 0.05 <= self.val_fraction <= 0.5:
+            raise InvalidArgument("val_fraction must be in [0.05, 0.5]")
+        if self.version and (not self.version.replace("-", "").replace("_", "").replace(".", "").isalnum()
+                             or self.version.startswith(".")):
+            raise InvalidArgument(f"--version must be letters, digits, '-', '_' or '.', got {self.version!r}")
+
+
+@dataclass
+class TrainResult:
+    path: Path
+    metadata: dict
+
+
+def make_model(kind: str, C: float | None, seed: int = 0):
+    if C is None:
+        C = 3.0 if kind == "embed" else 10.0
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import make_pipeline
+
+    lr = LogisticRegression(C=C, max_iter=3000, class_weight="balanced", random_state=seed)
+    if kind == "embed":
+        return lr
+    from sklearn.feature_extraction.text import TfidfVectorizer
+
+    return make_pipeline(TfidfVectorizer(ngram_range=(1, 2), sublinear_tf=True, min_df=1, max_features=200_000), lr)
+
+
+def _cached_embeddings(out: Path, ex, embedder) -> np.ndarray:
+    """Embeddings of the training texts, reused when the data's sha256 matches.
+
+    Looked up first next to the data (`<data>.embeddings.npz`, shipped for the seed set so that
+    `ensure_default` is fast), then under `<out>/.embeddings/`; computed and cached there otherwise.
+    """
+    from classifier.embed import MODEL_ID
+
+    for cand in (shipped_cache_path(ex.path), out / ".embeddings" / f"{ex.sha256}.npz"):
+        if cand.is_file():
+            try:
+                z = np.load(cand, allow_pickle=False)
+                if (str(z["sha256"]) == ex.sha256 and str(z["model"]) == MODEL_ID
+                        and z["X"].shape == (len(ex.texts), 384)):
+                    return z["X"].astype(np.float32)
+            except (OSError, ValueError, KeyError):
+                pass
+    if embedder is None:
+        from classifier.embed import Embedder
+
+        embedder = Embedder()
+    X = embedder.encode(ex.texts)[0]
+    save_embeddings(out / ".embeddings" / f"{ex.sha256}.npz", X, ex.sha256)
+    return X
+
+
+def shipped_cache_path(data: Path) -> Path:
+    return Path(str(data) + ".embeddings.npz")
+
+
+def save_embeddings(path: Path, X: np.ndarray, sha256: str) -> None:
+    from classifier.embed import MODEL_ID
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp.npz")
+    np.savez_compressed(tmp, X=X.astype(np.float16), sha256=np.array(sha256), model=np.array(MODEL_ID))
+    os.replace(tmp, path)
+
+
+def train(cfg: TrainConfig, *, embedder=None, log=print) -> TrainResult:
+    from sklearn.model_selection import train_test_split
+
+    from classifier import artifact
+    from classifier.dataset import load_jsonl
+    from classifier.embed import MODEL_ID
+    from classifier.metrics import choose_threshold, evaluate
+
+    cfg.validate()
+    t0 = time.monotonic()
+    ex = load_jsonl(cfg.data, min_per_label=4)
+    tasks = ex.tasks
+    kinds = ["embed", "tfidf"] if cfg.model == "auto" else [cfg.model]
+    feats = {k: (_cached_embeddings(Path(cfg.out), ex, embedder) if k == "embed" else list(ex.texts)) for k in kinds}
+    log(f"read {len(ex.texts)} examples, {len(tasks)} tasks from {ex.path}; features in {time.monotonic() - t0:.1f} s")
+
+    idx = np.arange(len(ex.texts))
+    tr, va = train_test_split(idx, test_size=cfg.val_fraction, stratify=ex.labels, random_state=cfg.seed)
+    y = np.array(ex.labels)
+    val = {}
+    for k in kinds:
+        X = feats[k]
+        Xtr = X[tr] if isinstance(X, np.ndarray) else [X[i] for i in tr]
+        Xva = X[va] if isinstance(X, np.ndarray) else [X[i] for i in va]
+        m = make_model(k, cfg.C, cfg.seed).fit(Xtr, y[tr])
+        proba = m.predict_proba(Xva)
+        classes = list(m.classes_)
+        pred = [classes[i] for i in proba.argmax(1)]
+        conf = proba.max(1)
+        val[k] = {"pred": pred, "conf": conf, "metrics": evaluate(list(y[va]), pred, conf, tasks, 0.0)}
+        log(f"  {k:<6} validation accuracy {val[k]['metrics']['accuracy']:.3f}  macro-F1 {val[k]['metrics']['macro_f1']:.3f}")
+    kind = max(kinds, key=lambda k: (val[k]["metrics"]["macro_f1"], k == "embed"))
+    if cfg.threshold is not None:
+        threshold, how = float(cfg.threshold), "fixed by --threshold"
+    else:
+        threshold = choose_threshold(list(y[va]), val[kind]["pred"], val[kind]["conf"],
+                                     max_misroute=cfg.max_misroute, floor=cfg.min_threshold)
+        how = f"smallest >= {cfg.min_threshold} with validation misroute rate <= {cfg.max_misroute}"
+    final = make_model(kind, cfg.C, cfg.seed).fit(feats[kind], y)
+    validation = {}
+    for k in kinds:
+        validation[k] = evaluate(list(y[va]), val[k]["pred"], val[k]["conf"], tasks, threshold)
+    version = cfg.version or datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S%fZ")
+    meta = {
+        "tasks": tasks,
+        "threshold": threshold,
+        "threshold_rule": how,
+        "kind": kind,
+        "embedding_model": MODEL_ID if kind == "embed" else None,
+        "max_tokens": 256 if kind == "embed" else None,
+        "classifier": f"LogisticRegression(C={cfg.C or (3.0 if kind == 'embed' else 10.0)}, class_weight=balanced)" + ("" if kind == "embed" else " on TF-IDF 1-2 grams"),
+        "data": {"path": str(ex.path), "sha256": ex.sha256, "examples": len(ex.texts),
+                 "per_task": {t: ex.labels.count(t) for t in tasks}},
+        "metrics": {"validation": validation, "selected_by": "validation macro-F1" if len(kinds) > 1 else "--model"},
+        "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "train_seconds": round(time.monotonic() - t0, 2),
+        **cfg.extra_metadata,
+    }
+    path = artifact.write_version(Path(cfg.out), version, final, meta)
+    log(f"kept {kind}; threshold {threshold:.2f}; wrote {path} in {time.monotonic() - t0:.1f} s")
+    return TrainResult(path, artifact._read_metadata(path))
+
+
+def predict_file(clf, data: Path):
+    """Predictions for every example of a labeled JSONL: (examples, predicted tasks, confidences)."""
+    from classifier.dataset import load_jsonl
+
+    ex = load_jsonl(data)
+    preds = clf.predict_detailed(ex.texts)
+    return ex, [p.task for p in preds], np.array([p.confidence for p in preds])

@@ -1,0 +1,232 @@
+"""classifier/: real MiniLM embedder, real training on the seed set (once per module), artifact round trip."""
+from __future__ import annotations
+
+import json
+import shutil
+import threading
+
+import pytest
+
+import classifier
+from classifier import artifact
+from classifier.metrics import evaluate
+from classifier.train import TrainConfig, predict_file, train
+from router.errors import FailedPrecondition, InvalidArgument
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def embedder():
+    from classifier.embed import Embedder
+
+    return Embedder()
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, embedder):
+    root = tmp_path_factory.mktemp("clf")
+    res = train(TrainConfig(data=classifier.seed_path(), out=root, model="embed", version="v1"),
+                embedder=embedder, log=lambda *a: None)
+    return root, res
+
+
+@pytest.fixture(scope="module")
+def clf(trained, embedder):
+    root, _ = trained
+    c = classifier.load(root)
+    c._embedder = embedder  # share the loaded model across tests
+    return c
+
+
+def test_artifact_round_trip(trained, clf):
+    root, res = trained
+    assert (root / "current").read_text().strip() == "v1"
+    assert res.path == root / "v1"
+    meta = json.loads((root / "v1" / "metadata.json").read_text())
+    assert meta["tasks"] == classifier.DEFAULT_TASKS or sorted(meta["tasks"]) == sorted(classifier.DEFAULT_TASKS)
+    assert meta["embedding_model"] == "sentence-transformers/all-MiniLM-L6-v2"
+    assert len(meta["data"]["sha256"]) == 64 and meta["files"]["model.joblib"]
+    assert meta["created_at"] and 0.0 < meta["threshold"] < 1.0
+    assert clf.version == "v1" and clf.threshold == meta["threshold"] and sorted(clf.tasks) == sorted(classifier.DEFAULT_TASKS)
+    # a version folder loads directly too, and predictions are identical
+    again = classifier.load(root / "v1")
+    again._embedder = clf._embedder
+    assert again.predict(["Write a haiku about rain."]) == clf.predict(["Write a haiku about rain."])
+
+
+def test_predict_shapes_and_scores(clf):
+    preds = clf.predict_detailed(["Solve 2x + 3 = 11 for x.", "Translate to French: good night"])
+    assert [p.task for p in preds] == ["math", "translation"]
+    for p in preds:
+        assert set(p.scores) == set(clf.tasks)
+        assert abs(sum(p.scores.values()) - 1.0) < 1e-5
+        assert p.confidence == max(p.scores.values()) and not p.truncated
+    assert clf.predict([]) == []
+
+
+@pytest.mark.parametrize("text,task", [
+    ("Write a blog post for our company site about why we moved from REST to gRPC.", "writing"),
+    ("Write a Python function that parses ISO dates and returns a datetime.", "code"),
+    ("Translate the comments in this code to English: # 计算总和\ntotal = sum(xs)", "translation"),
+    ("Summarize this: The council voted 5-4 to approve a six-month bike lane pilot on Main Street after a long debate.", "summarization"),
+    ("Rewrite this paragraph to sound more professional: hey the report is late again sorry", "writing"),
+    ("I will send you my document in parts. Only reply 'acknowledged' after each part.", "general"),
+    ("Extract the name and email as JSON: Contact Jane Roe at jane.roe@example.com.", "extraction"),
+    ("What is the probability of drawing two aces from a deck without replacement?", "math"),
+])
+def test_hard_cases(clf, text, task):
+    assert clf.predict([text])[0][0] == task
+
+
+def test_threshold_abstains(trained, embedder, tmp_path):
+    root, _ = trained
+    shutil.copytree(root / "v1", tmp_path / "v1")
+    c = classifier.load(tmp_path / "v1")
+    c._embedder = embedder
+    text = "hmm"
+    p = c.predict_detailed([text])[0]
+    assert p.abstained == (p.confidence < c.threshold)
+    c.threshold = 1.01  # nothing is ever confident enough: everything abstains
+    assert all(q.abstained for q in c.predict_detailed([text, "Solve x^2 = 9"]))
+    c.threshold = 0.0
+    assert not any(q.abstained for q in c.predict_detailed([text]))
+
+
+def test_long_text_is_truncated(clf):
+    long = "Please summarize the following report. " + "The quarterly revenue grew strongly in all regions. " * 200
+    p = clf.predict_detailed([long, "short text about cats"])
+    assert p[0].truncated and not p[1].truncated
+
+
+@pytest.mark.parametrize("bad", ["", "   \n\t "])
+def test_empty_text_is_invalid(clf, bad):
+    with pytest.raises(InvalidArgument, match="empty"):
+        clf.predict(["ok", bad])
+
+
+def test_single_string_is_invalid(clf):
+    with pytest.raises(InvalidArgument):
+        clf.predict("not a list")
+
+
+def test_missing_artifact(tmp_path):
+    with pytest.raises(FailedPrecondition, match="classifier train"):
+        classifier.load(tmp_path / "nothing-here")
+
+
+def test_corrupt_metadata(trained, tmp_path):
+    root, _ = trained
+    shutil.copytree(root / "v1", tmp_path / "v1")
+    (tmp_path / "v1" / "metadata.json").write_text("{not json")
+    with pytest.raises(FailedPrecondition, match="metadata.json"):
+        classifier.load(tmp_path / "v1")
+
+
+def test_tampered_model_file(trained, tmp_path):
+    root, _ = trained
+    shutil.copytree(root / "v1", tmp_path / "v1")
+    with open(tmp_path / "v1" / "model.joblib", "ab") as fh:
+        fh.write(b"x")
+    with pytest.raises(FailedPrecondition, match="sha256"):
+        classifier.load(tmp_path / "v1")
+
+
+def test_current_names_missing_version(tmp_path):
+    (tmp_path / "current").write_text("v9\n")
+    with pytest.raises(FailedPrecondition, match="v9"):
+        classifier.load(tmp_path)
+
+
+def test_custom_task_set(tmp_path, embedder):
+    rows = [("Is my flight on time?", "status"), ("Where is my parcel?", "status"),
+            ("Has my order shipped yet?", "status"), ("Track package 12345", "status"),
+            ("What's the status of my refund?", "status"),
+            ("I want my money back", "refund"), ("Please refund my last payment", "refund"),
+            ("How do I get a refund for a broken item?", "refund"), ("Refund request for order 991", "refund"),
+            ("Charge me back, the product was wrong", "refund"),
+            ("Hello there", "other"), ("Tell me a joke", "other"), ("What's your name?", "other"),
+            ("Nice weather today", "other"), ("Thanks a lot!", "other")]
+    data = tmp_path / "ops.jsonl"
+    data.write_text("".join(json.dumps({"text": t, "label": l}) + "\n" for t, l in rows))
+    res = train(TrainConfig(data=data, out=tmp_path / "art", model="embed", threshold=0.3, val_fraction=0.34),
+                embedder=embedder, log=lambda *a: None)
+    c = classifier.load(tmp_path / "art")
+    c._embedder = embedder
+    assert sorted(c.tasks) == ["other", "refund", "status"] and c.threshold == 0.3
+    assert res.metadata["data"]["per_task"] == {"other": 5, "refund": 5, "status": 5}
+    assert c.predict(["Where is my package right now?"])[0][0] == "status"
+    assert c.predict(["I'd like a refund please"])[0][0] == "refund"
+
+
+def test_bad_training_data(tmp_path):
+    data = tmp_path / "bad.jsonl"
+    data.write_text('{"text": "a", "label": "x"}\nnot json\n')
+    with pytest.raises(InvalidArgument, match="bad.jsonl:2"):
+        train(TrainConfig(data=data, out=tmp_path / "art", model="tfidf"), log=lambda *a: None)
+
+
+def test_thread_safe_predict(clf):
+    texts = ["Write a SQL query counting users per country.", "Write a poem about the sea."]
+    expected = clf.predict(texts)
+    results, errors = [], []
+
+    def work():
+        try:
+            for _ in range(3):
+                results.append(clf.predict(texts))
+        except Exception as exc:  # noqa: BLE001
+            errors.append(exc)
+
+    threads = [threading.Thread(target=work) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors and all(r == expected for r in results)
+
+
+def test_heldout_accuracy_is_computed(clf):
+    ex, pred, conf = predict_file(clf, classifier.heldout_path())
+    assert len(ex.texts) >= 250
+    m = evaluate(ex.labels, pred, conf, clf.tasks, clf.threshold)
+    assert m["accuracy"] >= 0.5  # sane floor only; the real figure is in docs/bench-classifier.md
+    r = m["routing"]
+    assert r["routed_to_specialist"] + r["fallback_to_base"] == len(ex.texts)
+
+
+def test_cli_train_eval_predict(tmp_path, capsys, trained):
+    from router.cli import main
+
+    root, _ = trained
+    assert main(["classifier", "eval", "--path", str(root), "--json"]) == 0
+    m = json.loads(capsys.readouterr().out)
+    assert {"accuracy", "macro_f1", "per_class", "confusion", "routing"} <= set(m)
+    assert main(["classifier", "predict", "--path", str(root), "Solve 3x = 12"]) == 0
+    assert capsys.readouterr().out.startswith("math")
+    assert main(["classifier", "eval", "--path", str(tmp_path / "none")]) == 2
+    data = tmp_path / "d.jsonl"
+    data.write_text("".join(json.dumps({"text": f"{w} number {i}", "label": w}) + "\n"
+                            for w in ("alpha", "beta") for i in range(6)))
+    assert main(["classifier", "train", "--data", str(data), "--out", str(tmp_path / "a"), "--model", "tfidf"]) == 0
+    assert (tmp_path / "a" / "current").is_file()
+
+
+def test_ensure_default_is_idempotent(trained, monkeypatch, tmp_path):
+    import router.paths
+
+    root, _ = trained
+    home = tmp_path / "home"
+    shutil.copytree(root / "v1", home / "classifier" / "v1")
+    artifact.set_current(home / "classifier", "v1")
+    monkeypatch.setenv(router.paths.ENV_HOME, str(home))
+    assert classifier.ensure_default() == home / "classifier" / "v1"
+    assert classifier.ensure_default() == home / "classifier" / "v1"

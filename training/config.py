@@ -1,0 +1,185 @@
+"""Typed configuration of one training run.
+
+Precedence: dataclass defaults < profile (`quick | standard | full`) < `--config file.yaml` <
+environment (`SPECIALIST_ROUTER_TRAIN__FIELD`, e.g. `SPECIALIST_ROUTER_TRAIN__MAX_STEPS=50`) < CLI flags.
+Every field is documented with `metadata["help"]`; `validate()` checks the cross-field rules.
+Nothing here imports torch: the device must be chosen before torch is loaded.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from router.config import ConfigError, apply
+
+ENV_PREFIX = "SPECIALIST_ROUTER_TRAIN__"
+DEFAULT_TASKS = ("code", "math", "writing", "translation", "summarization", "extraction", "general")
+
+# Step budgets and shapes per profile. `quick` fits in <= 20 min wall on a 2-core CPU including data prep
+# and evaluation (measured: see docs/bench-training.md); `standard` and `full` are meant for a GPU.
+PROFILES: dict[str, dict[str, Any]] = {
+    "quick": {"max_steps": 60, "batch_size": 4, "grad_accum": 1, "max_seq_len": 384, "save_steps": 20,
+              "eval_steps": 20, "eval_max_records": 32, "forgetting_max_records": 8},
+    "standard": {"max_steps": 600, "batch_size": 8, "grad_accum": 2, "max_seq_len": 1024, "save_steps": 100,
+                 "eval_steps": 100, "eval_max_records": 256, "forgetting_max_records": 64},
+    "full": {"max_steps": 3000, "batch_size": 16, "grad_accum": 2, "max_seq_len": 2048, "save_steps": 250,
+             "eval_steps": 250, "eval_max_records": 1024, "forgetting_max_records": 256},
+}
+
+
+def _f(default: Any, help: str) -> Any:
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda d=default: type(d)(d), metadata={"help": help})
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass
+class TrainConfig:
+    """One run: select + filter the task's logs, train a LoRA specialist, evaluate, gate, register, deploy."""
+
+    # what
+    task: str = _f("", "Task to build a specialist for; must be one of `tasks`.")
+    tasks: list = _f(list(DEFAULT_TASKS), "Known task set (the classifier's). Other tasks' data measures forgetting.")
+    profile: str = _f("quick", "Step budget and shapes: quick (CPU, <= 20 min), standard, full (GPU).")
+    # where
+    db: str = _f("", "Log store (SQLite file); empty: <data dir>/logs/router.sqlite3.")
+    since: str = _f("", "Only logs created at/after this time (ISO 8601 like 2025-01-31T00:00 or unix seconds).")
+    until: str = _f("", "Only logs created before this time (ISO 8601 or unix seconds).")
+    sources: list = _f([], "Only these log sources (live, import); empty: all.")
+    run_dir: str = _f("", "Run folder (checkpoints, report.json, loss.png); empty: <data dir>/runs/<task>-<UTC time>.")
+    resume: bool = _f(False, "Continue the run in an existing run_dir from its last checkpoint.")
+    base_model: str = _f("", "Base model HF folder; empty: the prepared embedded default (SmolLM2-135M-Instruct).")
+    served_fingerprint: str = _f("", "Weights fingerprint of the model the gateway serves; when set, a different base is refused. "
+                                     "Empty: checked against the production adapter's manifest instead.")
+    registry: str = _f("", "Adapter registry root; empty: <data dir>/adapters.")
+    # device / backend
+    device: str = _f("cpu", "cpu | cuda | cuda:N. Applied before torch is imported (CUDA_VISIBLE_DEVICES).")
+    backend: str = _f("auto", "Trainer: auto (unsloth on CUDA when installed, else peft) | peft | unsloth.")
+    num_threads: int = _f(2, "CPU threads for torch (torch.set_num_threads); 0 keeps torch's default.")
+    # data filters
+    min_confidence: float = _f(0.8, "Keep only records whose classifier confidence is >= this.")
+    min_records: int = _f(16, "Refuse to train with fewer records than this after filtering.")
+    near_dup_threshold: float = _f(0.85, "Jaccard similarity (MinHash, word 3-shingles) above which records are near-duplicates.")
+    minhash_perm: int = _f(64, "MinHash permutations (more: more exact, slower).")
+    pii: str = _f("mask", "PII scrubbing of training text with the shared policy: mask | off.")
+    min_completion_tokens: int = _f(2, "Drop answers shorter than this many tokens.")
+    max_prompt_tokens: int = _f(0, "Drop records whose prompt is longer than this many tokens; 0: max_seq_len - min_completion_tokens.")
+    eval_fraction: float = _f(0.1, "Share of conversations held out for evaluation (split by request id hash).")
+    min_eval_records: int = _f(4, "At least this many held-out records (taken from train when the fraction gives fewer).")
+    seed: int = _f(1234, "Seed for the split salt, MinHash and training.")
+    # LoRA / optimisation
+    lora_r: int = _f(16, "LoRA rank.")
+    lora_alpha: int = _f(32, "LoRA alpha (scale = alpha / r).")
+    lora_dropout: float = _f(0.05, "LoRA dropout.")
+    target_modules: list = _f([], "Modules to adapt; empty: attention + MLP projections (attention only for GPT-OSS).")
+    learning_rate: float = _f(2e-4, "Peak learning rate.")
+    lr_scheduler: str = _f("cosine", "cosine | constant_with_warmup | linear.")
+    warmup_ratio: float = _f(0.05, "Share of steps spent warming up (0.03-0.1 is usual).")
+    max_steps: int = _f(60, "Optimizer steps (set by the profile).")
+    batch_size: int = _f(4, "Sequences per device step (lower it on out-of-memory).")
+    grad_accum: int = _f(1, "Gradient accumulation steps (effective batch = batch_size * grad_accum).")
+    max_seq_len: int = _f(384, "Longest training sequence in tokens (prompt + answer); longer records are dropped.")
+    weight_decay: float = _f(0.0, "AdamW weight decay.")
+    save_steps: int = _f(20, "Save a checkpoint every N steps (resume continues from the last one).")
+    eval_steps: int = _f(20, "Evaluate the held-out loss every N steps (overfitting watch).")
+    logging_steps: int = _f(1, "Log the train loss every N steps.")
+    save_total_limit: int = _f(2, "Checkpoints kept in the run dir.")
+    target_loss: float = _f(0.0, "Stop early once the train loss (running mean of 5) is <= this; 0: off.")
+    overfit_patience: int = _f(2, "Warn (and stop when stop_on_overfit) after this many evaluations with rising eval loss.")
+    stop_on_overfit: bool = _f(False, "Stop training when eval loss keeps rising for overfit_patience evaluations.")
+    # gate
+    eval_max_records: int = _f(32, "Held-out records of the task used by the gate.")
+    forgetting_max_records: int = _f(8, "Held-out records per other task used to measure forgetting.")
+    margin: float = _f(0.01, "Relative margin: candidate loss must be <= (1 - margin) * base loss and * production loss.")
+    forgetting_bound: float = _f(0.02, "Max relative loss increase on other tasks' data vs the base model.")
+    register: bool = _f(True, "Register a candidate that passes the gate (alias `candidate`).")
+    deploy: bool = _f(False, "After a passed gate, call AdminService.DeployAdapter on the running gateway.")
+    gateway: str = _f("127.0.0.1:50051", "Gateway address for --deploy.")
+    token_env: str = _f("SPECIALIST_ROUTER_TOKEN", "Environment variable holding the bearer token for --deploy.")
+
+    def validate(self) -> "TrainConfig":
+        if not self.task:
+            raise ConfigError("no task given; pass --task (one of: " + ", ".join(self.tasks) + ")")
+        if self.task not in self.tasks:
+            raise ConfigError(f"unknown task {self.task!r}; known tasks: {', '.join(self.tasks)} "
+                              "(set `tasks` in the config file for a custom task set)")
+        if self.profile not in PROFILES:
+            raise ConfigError(f"unknown profile {self.profile!r}; choose one of {', '.join(PROFILES)}")
+        if not (self.device == "cpu" or self.device == "cuda" or
+                (self.device.startswith("cuda:") and self.device[5:].replace(",", "").isdigit())):
+            raise ConfigError(f"device must be cpu, cuda or cuda:N, got {self.device!r}")
+        if self.backend not in ("auto", "peft", "unsloth"):
+            raise ConfigError(f"backend must be auto, peft or unsloth, got {self.backend!r}")
+        if self.pii not in ("mask", "off"):
+            raise ConfigError(f"pii must be mask or off, got {self.pii!r}")
+        if self.lr_scheduler not in ("cosine", "constant_with_warmup", "linear"):
+            raise ConfigError("lr_scheduler must be cosine, constant_with_warmup or linear")
+        for name in ("max_steps", "batch_size", "grad_accum", "max_seq_len", "lora_r", "lora_alpha", "save_steps",
+                     "eval_steps", "logging_steps", "min_records", "minhash_perm"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if not 0.0 <= self.min_confidence <= 1.0:
+            raise ConfigError("min_confidence must be within [0, 1]")
+        if not 0.0 < self.eval_fraction < 1.0:
+            raise ConfigError("eval_fraction must be within (0, 1)")
+        if not 0.0 <= self.warmup_ratio < 1.0:
+            raise ConfigError("warmup_ratio must be within [0, 1)")
+        if not 0.0 < self.near_dup_threshold <= 1.0:
+            raise ConfigError("near_dup_threshold must be within (0, 1]")
+        if self.margin < 0 or self.forgetting_bound < 0:
+            raise ConfigError("margin and forgetting_bound must be >= 0")
+        if self.max_prompt_tokens and self.max_prompt_tokens >= self.max_seq_len:
+            raise ConfigError("max_prompt_tokens must be < max_seq_len")
+        return self
+
+    def effective_max_prompt_tokens(self) -> int:
+        return self.max_prompt_tokens or max(1, self.max_seq_len - self.min_completion_tokens)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def _env_overrides() -> dict:
+    return {k[len(ENV_PREFIX):].lower(): v for k, v in os.environ.items() if k.startswith(ENV_PREFIX) and len(k) > len(ENV_PREFIX)}
+
+
+def load(config_file: str | Path | None = None, overrides: dict | None = None) -> TrainConfig:
+    """defaults < profile < YAML file < environment < overrides (CLI flags), then validate."""
+    file_data: dict = {}
+    if config_file:
+        p = Path(config_file)
+        if not p.is_file():
+            raise ConfigError(f"config file {p} does not exist")
+        try:
+            file_data = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"config file {p} is not valid YAML: {exc}") from exc
+        if not isinstance(file_data, dict):
+            raise ConfigError(f"config file {p} must hold a mapping at the top level")
+    env = _env_overrides()
+    overrides = {k: v for k, v in (overrides or {}).items() if v is not None}
+    profile = str(overrides.get("profile") or env.get("profile") or file_data.get("profile") or "quick")
+    if profile not in PROFILES:
+        raise ConfigError(f"unknown profile {profile!r}; choose one of {', '.join(PROFILES)}")
+    cfg = TrainConfig(profile=profile)
+    apply(cfg, PROFILES[profile])
+    for layer in (file_data, env, overrides):
+        apply(cfg, layer)
+    return cfg.validate()
+
+
+def apply_device(device: str) -> None:
+    """Make `device` the only visible accelerator. Must run before torch is imported."""
+    import sys
+
+    if device == "cpu":
+        os.environ["CUDA_VISIBLE_DEVICES"] = ""
+    elif device.startswith("cuda:"):
+        if "torch" in sys.modules:
+            raise ConfigError("--device cuda:N must be applied before torch is imported (internal ordering bug)")
+        os.environ["CUDA_VISIBLE_DEVICES"] = device[5:]
