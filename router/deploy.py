@@ -54,7 +54,8 @@ class Deployer:
         from adapters.validation import validate_adapter
 
         await self._io(validate_adapter, av.path, base_fingerprint=self.base_fingerprint(),
-                       max_lora_rank=self.gw.cfg.backend.max_lora_rank, manifest=av.manifest)
+                       base_model_id=self.gw.served_model, max_lora_rank=self.gw.cfg.backend.max_lora_rank,
+                       manifest=av.manifest)
 
     async def _smoke(self, name: str) -> None:
         payload = {"model": name, "messages": [{"role": "user", "content": "ping"}], "max_tokens": 1, "temperature": 0}

@@ -186,7 +186,7 @@ class Gateway:
                 acquired = decision.adapter
             if not self.backend_up and self.managed is not None and not self.managed.alive():
                 raise Unavailable("the vLLM backend is down and being restarted: retry shortly")
-            yield "start", (rid, decision)
+            yield "start", (rid, decision, classify_ms)
             payload = {"model": decision.adapter or self.served_model, "messages": checked.messages, **checked.sampling}
             if checked.reasoning_effort:
                 payload["reasoning_effort"] = checked.reasoning_effort
@@ -271,12 +271,12 @@ class RouterServicer(pbg.RouterServiceServicer):
     async def Generate(self, request, context):
         t0 = now_ms()
         parts, reasoning = [], []
-        decision, rid, ttft = None, "", 0.0
+        decision, rid, ttft, classify_ms = None, "", 0.0, 0.0
         final: StreamEvent | None = None
         b0 = 0.0
         async for kind, item in self.gw.run(request, context, stream=False):
             if kind == "start":
-                rid, decision = item
+                rid, decision, classify_ms = item
                 b0 = now_ms()
             elif kind == "event":
                 if not ttft:
@@ -291,14 +291,14 @@ class RouterServicer(pbg.RouterServiceServicer):
             finish_reason=FINISH.get(final.finish_reason, pb.FINISH_REASON_STOP),
             usage=pb.Usage(prompt_tokens=final.prompt_tokens, completion_tokens=final.completion_tokens,
                            total_tokens=final.prompt_tokens + final.completion_tokens),
-            timings=_timings(t0, ttft, 0.0, now_ms() - b0), route=_route_pb(decision), model=self.gw.served_model)
+            timings=_timings(t0, ttft, classify_ms, now_ms() - b0), route=_route_pb(decision), model=self.gw.served_model)
 
     async def GenerateStream(self, request, context):
         t0 = now_ms()
-        decision, rid, ttft, first, b0 = None, "", 0.0, True, 0.0
+        decision, rid, ttft, first, b0, classify_ms = None, "", 0.0, True, 0.0, 0.0
         async for kind, item in self.gw.run(request, context, stream=True):
             if kind == "start":
-                rid, decision = item
+                rid, decision, classify_ms = item
                 b0 = now_ms()
                 continue
             if kind == "event":
@@ -317,7 +317,7 @@ class RouterServicer(pbg.RouterServiceServicer):
                     model=self.gw.served_model, finish_reason=FINISH.get(item.finish_reason, pb.FINISH_REASON_STOP),
                     usage=pb.Usage(prompt_tokens=item.prompt_tokens, completion_tokens=item.completion_tokens,
                                    total_tokens=item.prompt_tokens + item.completion_tokens),
-                    timings=_timings(t0, ttft, 0.0, now_ms() - b0))
+                    timings=_timings(t0, ttft, classify_ms, now_ms() - b0))
 
     async def Classify(self, request, context):
         try:
@@ -486,6 +486,7 @@ async def build(cfg: GatewayConfig, *, backend_url: str | None = None, progress=
 
         path = cfg.classifier.path or str(clf_pkg.ensure_default())
         clf = clf_pkg.load(path)
+        clf.predict(["warm up the embedder"])  # load weights now, not on the first user request
 
     log_writer = None
     if cfg.logs.enabled:

@@ -4,7 +4,7 @@ Each conversation becomes one record: `messages` = every turn before the last as
 `response_text` = that last assistant turn. `request_id = "sharegpt-<conversation id>"`, so a re-run
 inserts nothing new (INSERT OR IGNORE; already-stored ids are not even classified again).
 `task`/`confidence` come from an optional batched classifier callable (texts -> [(task, confidence)]),
-applied to the last user turn, i.e. the prompt the response answers.
+applied to the last non-empty user turn, i.e. the prompt the response answers.
 """
 from __future__ import annotations
 
@@ -51,8 +51,9 @@ def conversation_to_record(conv, *, created_at: float) -> LogRecord | None:
 
 
 def last_user_turn(messages: list[dict]) -> str:
+    """The last user turn with text (ShareGPT has empty user turns; the classifier refuses empty text)."""
     for m in reversed(messages):
-        if m["role"] == "user":
+        if m["role"] == "user" and m["content"].strip():
             return m["content"]
     return ""
 

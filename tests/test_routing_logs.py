@@ -1,0 +1,161 @@
+"""Classifier routing and conversation logging through the real gateway (real classifier, real SQLite)."""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import grpc
+import pytest
+from conftest import ROOT, poll
+
+from router.client import Client, RouterError
+from router.logs.store import open_store
+from router.v1 import router_pb2 as pb
+
+pytestmark = pytest.mark.vllm
+CODE_PROMPT = "Write a Python function that reverses a linked list and explain its time complexity."
+GENERAL_PROMPT = "What should I pack for a weekend hiking trip in the mountains?"
+
+
+@pytest.fixture(scope="module")
+def routed_gateway(gateway_factory, model_dir, tmp_path_factory):
+    from lora_fixtures import make_lora
+
+    d = tmp_path_factory.mktemp("routing")
+    gw = gateway_factory({"classifier": {"enabled": True}, "logs": {"enabled": True, "path": str(d / "logs.sqlite3")},
+                          "task_adapters": {"code": "code-static"}})
+    path = make_lora(model_dir, d / "code-lora", seed=7)
+    with Client(gw.target, timeout=300) as c:
+        c.admin.LoadAdapter(pb.LoadAdapterRequest(name="code-static", path=str(path)), timeout=120)
+    gw.db = d / "logs.sqlite3"
+    return gw
+
+
+def test_code_prompt_goes_to_code_specialist(routed_gateway):
+    with Client(routed_gateway.target, timeout=300) as c:
+        cls = c.classify(CODE_PROMPT)
+        assert cls.task == "code" and cls.confidence >= cls.threshold and cls.adapter == "code-static"
+        r = c.generate(CODE_PROMPT, max_tokens=8, temperature=0)
+        assert r.route.task == "code" and r.route.reason == "specialist" and r.adapter == "code-static"
+        assert r.timings.classify_ms > 0
+
+
+def test_general_and_low_confidence_go_to_base(routed_gateway):
+    gw = routed_gateway
+    with Client(gw.target, timeout=300) as c:
+        r = c.generate(GENERAL_PROMPT, max_tokens=8)
+        assert r.adapter == "" and r.route.reason in ("general_task", "low_confidence", "no_adapter")
+        old = gw.gateway.cfg.classifier.threshold
+        gw.gateway.cfg.classifier.threshold = 1.01  # nothing is confident enough: everything abstains
+        try:
+            r = c.generate(CODE_PROMPT, max_tokens=8)
+            assert r.adapter == "" and r.route.reason == "low_confidence" and r.route.task == "code"
+        finally:
+            gw.gateway.cfg.classifier.threshold = old
+
+
+def test_overrides_win(routed_gateway):
+    with Client(routed_gateway.target, timeout=300) as c:
+        r = c.generate(GENERAL_PROMPT, task="code", max_tokens=8)
+        assert r.adapter == "code-static" and r.route.reason == "task_override"
+        r = c.generate(CODE_PROMPT, adapter="base", max_tokens=8)
+        assert r.adapter == "" and r.route.reason == "adapter_override"
+        with pytest.raises(RouterError) as e:
+            c.generate(CODE_PROMPT, task="astrology", max_tokens=8)
+        assert e.value.code == grpc.StatusCode.INVALID_ARGUMENT and "known task" in e.value.message
+        with pytest.raises(RouterError) as e:
+            c.classify("   ")
+        assert e.value.code == grpc.StatusCode.INVALID_ARGUMENT
+
+
+def test_every_exchange_is_logged_with_route_and_feedback(routed_gateway):
+    gw = routed_gateway
+    with Client(gw.target, timeout=300) as c:
+        ok = c.generate(CODE_PROMPT, max_tokens=8, temperature=0, client_id="tenant-a")
+        streamed = [ch for ch in c.stream(GENERAL_PROMPT, max_tokens=8, client_id="tenant-a")]
+        with pytest.raises(RouterError):
+            c.generate(CODE_PROMPT, adapter="missing@1", client_id="tenant-a")
+        with pytest.raises(RouterError):
+            c.generate(CODE_PROMPT, max_tokens=1500, temperature=1.0, timeout=1.0, client_id="tenant-a")
+        store = open_store(gw.db)
+        rec = store.get(ok.request_id)
+        assert rec is not None and rec.response_text == ok.text and rec.task == "code"
+        assert rec.adapter == "code-static" and rec.route_reason == "specialist" and rec.client_id == "tenant-a"
+        assert rec.completion_tokens == ok.usage.completion_tokens and rec.status == "ok"
+        srec = store.get(streamed[-1].request_id)
+        assert srec.stream and srec.response_text == "".join(ch.delta for ch in streamed)
+        recs = list(store.iter_records(client_id="tenant-a"))
+        poll(lambda: {r.status for r in store.iter_records(client_id="tenant-a")} >= {"ok", "error", "cancelled"},
+             timeout_s=30, what="failed and cancelled requests to be logged")
+        errs = [r for r in store.iter_records(client_id="tenant-a") if r.status == "error"]
+        assert any("NOT_FOUND" in r.error for r in errs)
+        assert len(recs) >= 2
+
+        fb = c.feedback(ok.request_id, 5, comment="great")
+        again = c.feedback(ok.request_id, 5, comment="great")
+        assert fb.created and not again.created and fb.feedback_id == again.feedback_id
+        with pytest.raises(RouterError) as e:
+            c.feedback("no-such-request", 3)
+        assert e.value.code == grpc.StatusCode.NOT_FOUND
+        with pytest.raises(RouterError) as e:
+            c.feedback(ok.request_id, 9)
+        assert e.value.code == grpc.StatusCode.INVALID_ARGUMENT
+        store.close()
+
+
+def test_kill_9_gateway_under_load_loses_no_acknowledged_record(vllm_server, tmp_path):
+    """A gateway process is SIGKILLed while 4 clients stream; every fully received answer is in the log."""
+    from router.managed import free_port
+
+    port = free_port()
+    db = tmp_path / "crash.sqlite3"
+    env = dict(os.environ, SPECIALIST_ROUTER__LOGS__PATH=str(db))
+    proc = subprocess.Popen([sys.executable, "-m", "router.cli", "serve", "--backend-url", vllm_server.url,
+                             "--model", str(vllm_server.model_dir), "--port", str(port), "--no-classifier",
+                             "--log-level", "WARNING"], cwd=ROOT, env=env, start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    target = f"127.0.0.1:{port}"
+    try:
+        def ready():
+            try:
+                with Client(target, timeout=5) as c:
+                    c.generate("hi", max_tokens=1)
+                return True
+            except RouterError:
+                return False
+        poll(ready, timeout_s=120, interval_s=0.5, what="the gateway process to serve")
+        acked: list[str] = []
+        stop = threading.Event()
+
+        def load(i):
+            with Client(target, timeout=60) as c:
+                c.retry.attempts = 1
+                while not stop.is_set():
+                    try:
+                        chunks = list(c.stream(f"Count to {i} please.", max_tokens=12, temperature=0))
+                        if chunks and chunks[-1].finished:
+                            acked.append(chunks[-1].request_id)
+                    except RouterError:
+                        return
+
+        threads = [threading.Thread(target=load, args=(i,)) for i in range(4)]
+        for t in threads:
+            t.start()
+        poll(lambda: len(acked) >= 12, timeout_s=180, what="requests to complete under load")
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(30)
+        stop.set()
+        for t in threads:
+            t.join(60)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    store = open_store(db)
+    assert store.integrity_check() == []
+    missing = [rid for rid in acked if store.get(rid) is None]
+    assert not missing, f"{len(missing)} acknowledged records lost: {missing[:3]}"
+    store.close()
