@@ -147,7 +147,9 @@ class Classifier:
         self.tasks: list[str] = list(metadata["tasks"])
         self.threshold: float = float(metadata["threshold"])
         self.version: str = str(metadata.get("version", ""))
-        self.kind: str = metadata["kind"]  # "embed" | "tfidf"
+        self.kind: str = metadata["kind"]  # "combined" | "embed" | "tfidf"
+        # embedding window the model was trained with (artifacts older than the field used 256)
+        self.max_tokens: int = int(metadata.get("max_tokens") or 256)
         self._embedder = embedder
         self._embedder_lock = threading.Lock()
         classes = list(getattr(model, "classes_", []))
@@ -167,7 +169,12 @@ class Classifier:
 
     def features(self, texts: list[str]) -> tuple[object, list[bool]]:
         if self.kind == "embed":
-            return self.embedder.encode(texts)
+            return self.embedder.encode(texts, max_tokens=self.max_tokens)
+        if self.kind == "combined":
+            from classifier.combined import TextsAndEmbeddings
+
+            emb, truncated = self.embedder.encode(texts, max_tokens=self.max_tokens)
+            return TextsAndEmbeddings(list(texts), emb), truncated
         return list(texts), [False] * len(texts)
 
     def probabilities(self, texts: list[str]) -> tuple[np.ndarray, list[bool]]:

@@ -19,9 +19,11 @@ def add_commands(subparsers) -> None:
     t = sub.add_parser("train", help="train a new artifact version from labeled JSONL and make it current")
     t.add_argument("--data", type=Path, default=None, help="labeled JSONL ({'text','label'} per line); default: the seed set")
     t.add_argument("--out", type=Path, default=None, help="artifact root; default: <data dir>/classifier")
-    t.add_argument("--model", choices=("embed", "tfidf", "auto"), default="embed",
-                   help="embed: MiniLM embeddings + logistic regression (default); tfidf: TF-IDF baseline; "
-                        "auto: the better on the validation split")
+    t.add_argument("--model", choices=("combined", "embed", "tfidf", "auto"), default="combined",
+                   help="combined: TF-IDF word+char n-grams stacked with MiniLM embeddings + logistic regression "
+                        "(default); embed: embeddings only; tfidf: TF-IDF only; auto: the best on the validation split")
+    t.add_argument("--max-tokens", type=int, default=128,
+                   help="embed only the first N wordpieces of each prompt (8..256; default 128)")
     t.add_argument("--threshold", type=float, default=None, help="fixed abstain threshold in [0,1]; default: chosen on the validation split")
     t.add_argument("--max-misroute", type=float, default=0.02, help="threshold choice: accepted validation misroute rate")
     t.add_argument("--version", default="", help="version folder name; default: UTC timestamp")
@@ -49,7 +51,8 @@ def main_train(args) -> int:
 
     _threads()
     cfg = TrainConfig(data=args.data or classifier.seed_path(), out=args.out or classifier_dir(), model=args.model,
-                      threshold=args.threshold, max_misroute=args.max_misroute, version=args.version)
+                      threshold=args.threshold, max_misroute=args.max_misroute, version=args.version,
+                      max_tokens=args.max_tokens)
     res = train(cfg, log=(lambda *a: print(*a, file=sys.stderr)) if args.json else print)
     if args.json:
         print(json.dumps(res.metadata, indent=2))

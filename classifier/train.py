@@ -1,4 +1,5 @@
-"""Train a classifier artifact from labeled JSONL: embeddings (or TF-IDF) + logistic regression.
+"""Train a classifier artifact from labeled JSONL: TF-IDF + embeddings (`combined`), embeddings or TF-IDF,
+each followed by a logistic regression.
 
 Steps: read + validate the data; hold out a stratified validation split; fit each candidate model kind on
 the rest and score it on the split (`auto` keeps the better macro-F1); choose the abstain threshold on the
@@ -17,7 +18,11 @@ import numpy as np
 
 from router.errors import InvalidArgument
 
-KINDS = ("embed", "tfidf", "auto")
+KINDS = ("combined", "embed", "tfidf", "auto")
+EMBEDDING_KINDS = ("combined", "embed")
+# Defaults chosen by 5-fold cross-validation on the seed set (docs/bench-classifier.md).
+DEFAULT_C = {"embed": 3.0, "tfidf": 10.0, "combined": 10.0}
+COMBINED_EMB_WEIGHT = 2.0
 
 
 @dataclass
@@ -26,12 +31,13 @@ class TrainConfig:
 
     data: Path  # labeled JSONL ({"text","label"} per line)
     out: Path  # artifact root: a new `<out>/<version>/` is written and `<out>/current` points at it
-    model: str = "auto"  # embed | tfidf | auto (pick by validation macro-F1)
+    model: str = "auto"  # combined | embed | tfidf | auto (pick by validation macro-F1)
     threshold: float | None = None  # fixed abstain threshold; None: choose on the validation split
     max_misroute: float = 0.02  # threshold choice: largest accepted misroute rate on the validation split
     min_threshold: float = 0.5  # never choose a threshold below this
     val_fraction: float = 0.25  # stratified validation split
-    C: float | None = None  # inverse regularization of the logistic regression; None: 3 (embed), 10 (tfidf)
+    C: float | None = None  # inverse regularization of the logistic regression; None: DEFAULT_C[kind]
+    max_tokens: int = 128  # embedding window: only the first N wordpieces of a prompt are embedded
     version: str = ""  # version name; empty: UTC timestamp
     seed: int = 0
     extra_metadata: dict = field(default_factory=dict)
@@ -41,6 +47,9 @@ class TrainConfig:
             raise InvalidArgument(f"--model must be one of {KINDS}, got {self.model!r}")
         if self.threshold is not None and not 0.0 <= self.threshold <= 1.0:
             raise InvalidArgument(f"--threshold must be in [0, 1], got {self.threshold}")
+        from classifier.embed import check_max_tokens
+
+        check_max_tokens(self.max_tokens)
         if not 0.05 <= self.val_fraction <= 0.5:
             raise InvalidArgument("val_fraction must be in [0.05, 0.5]")
         if self.version and (not self.version.replace("-", "").replace("_", "").replace(".", "").isalnum()
@@ -56,7 +65,11 @@ class TrainResult:
 
 def make_model(kind: str, C: float | None, seed: int = 0):
     if C is None:
-        C = 3.0 if kind == "embed" else 10.0
+        C = DEFAULT_C[kind]
+    if kind == "combined":
+        from classifier.combined import CombinedModel
+
+        return CombinedModel(C=C, emb_weight=COMBINED_EMB_WEIGHT, seed=seed)
     from sklearn.linear_model import LogisticRegression
     from sklearn.pipeline import make_pipeline
 
@@ -68,7 +81,15 @@ def make_model(kind: str, C: float | None, seed: int = 0):
     return make_pipeline(TfidfVectorizer(ngram_range=(1, 2), sublinear_tf=True, min_df=1, max_features=200_000), lr)
 
 
-def _cached_embeddings(out: Path, ex, embedder) -> np.ndarray:
+def _take(X, idx):
+    if isinstance(X, np.ndarray):
+        return X[idx]
+    if isinstance(X, list):
+        return [X[i] for i in idx]
+    return X.take(idx)
+
+
+def _cached_embeddings(out: Path, ex, embedder, max_tokens: int) -> np.ndarray:
     """Embeddings of the training texts, reused when the data's sha256 matches.
 
     Looked up first next to the data (`<data>.embeddings.npz`, shipped for the seed set so that
@@ -76,11 +97,12 @@ def _cached_embeddings(out: Path, ex, embedder) -> np.ndarray:
     """
     from classifier.embed import MODEL_ID
 
-    for cand in (shipped_cache_path(ex.path), out / ".embeddings" / f"{ex.sha256}.npz"):
+    for cand in (shipped_cache_path(ex.path), out / ".embeddings" / f"{ex.sha256}-{max_tokens}.npz"):
         if cand.is_file():
             try:
                 z = np.load(cand, allow_pickle=False)
-                if (str(z["sha256"]) == ex.sha256 and str(z["model"]) == MODEL_ID
+                cached_window = int(z["max_tokens"]) if "max_tokens" in z.files else 256
+                if (str(z["sha256"]) == ex.sha256 and str(z["model"]) == MODEL_ID and cached_window == max_tokens
                         and z["X"].shape == (len(ex.texts), 384)):
                     return z["X"].astype(np.float32)
             except (OSError, ValueError, KeyError):
@@ -89,8 +111,8 @@ def _cached_embeddings(out: Path, ex, embedder) -> np.ndarray:
         from classifier.embed import Embedder
 
         embedder = Embedder()
-    X = embedder.encode(ex.texts)[0]
-    save_embeddings(out / ".embeddings" / f"{ex.sha256}.npz", X, ex.sha256)
+    X = embedder.encode(ex.texts, max_tokens=max_tokens)[0]
+    save_embeddings(out / ".embeddings" / f"{ex.sha256}-{max_tokens}.npz", X, ex.sha256, max_tokens)
     return X
 
 
@@ -98,12 +120,13 @@ def shipped_cache_path(data: Path) -> Path:
     return Path(str(data) + ".embeddings.npz")
 
 
-def save_embeddings(path: Path, X: np.ndarray, sha256: str) -> None:
+def save_embeddings(path: Path, X: np.ndarray, sha256: str, max_tokens: int) -> None:
     from classifier.embed import MODEL_ID
 
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp.npz")
-    np.savez_compressed(tmp, X=X.astype(np.float16), sha256=np.array(sha256), model=np.array(MODEL_ID))
+    np.savez_compressed(tmp, X=X.astype(np.float16), sha256=np.array(sha256), model=np.array(MODEL_ID),
+                        max_tokens=np.array(max_tokens))
     os.replace(tmp, path)
 
 
@@ -119,8 +142,13 @@ def train(cfg: TrainConfig, *, embedder=None, log=print) -> TrainResult:
     t0 = time.monotonic()
     ex = load_jsonl(cfg.data, min_per_label=4)
     tasks = ex.tasks
-    kinds = ["embed", "tfidf"] if cfg.model == "auto" else [cfg.model]
-    feats = {k: (_cached_embeddings(Path(cfg.out), ex, embedder) if k == "embed" else list(ex.texts)) for k in kinds}
+    kinds = ["combined", "embed", "tfidf"] if cfg.model == "auto" else [cfg.model]
+    emb = (_cached_embeddings(Path(cfg.out), ex, embedder, cfg.max_tokens)
+           if any(k in EMBEDDING_KINDS for k in kinds) else None)
+    from classifier.combined import TextsAndEmbeddings
+
+    feats = {k: {"embed": emb, "tfidf": list(ex.texts)}.get(k) if k != "combined"
+             else TextsAndEmbeddings(list(ex.texts), emb) for k in kinds}
     log(f"read {len(ex.texts)} examples, {len(tasks)} tasks from {ex.path}; features in {time.monotonic() - t0:.1f} s")
 
     idx = np.arange(len(ex.texts))
@@ -129,8 +157,7 @@ def train(cfg: TrainConfig, *, embedder=None, log=print) -> TrainResult:
     val = {}
     for k in kinds:
         X = feats[k]
-        Xtr = X[tr] if isinstance(X, np.ndarray) else [X[i] for i in tr]
-        Xva = X[va] if isinstance(X, np.ndarray) else [X[i] for i in va]
+        Xtr, Xva = _take(X, tr), _take(X, va)
         m = make_model(k, cfg.C, cfg.seed).fit(Xtr, y[tr])
         proba = m.predict_proba(Xva)
         classes = list(m.classes_)
@@ -138,7 +165,7 @@ def train(cfg: TrainConfig, *, embedder=None, log=print) -> TrainResult:
         conf = proba.max(1)
         val[k] = {"pred": pred, "conf": conf, "metrics": evaluate(list(y[va]), pred, conf, tasks, 0.0)}
         log(f"  {k:<6} validation accuracy {val[k]['metrics']['accuracy']:.3f}  macro-F1 {val[k]['metrics']['macro_f1']:.3f}")
-    kind = max(kinds, key=lambda k: (val[k]["metrics"]["macro_f1"], k == "embed"))
+    kind = max(kinds, key=lambda k: (val[k]["metrics"]["macro_f1"], k == "combined"))
     if cfg.threshold is not None:
         threshold, how = float(cfg.threshold), "fixed by --threshold"
     else:
@@ -155,9 +182,14 @@ def train(cfg: TrainConfig, *, embedder=None, log=print) -> TrainResult:
         "threshold": threshold,
         "threshold_rule": how,
         "kind": kind,
-        "embedding_model": MODEL_ID if kind == "embed" else None,
-        "max_tokens": 256 if kind == "embed" else None,
-        "classifier": f"LogisticRegression(C={cfg.C or (3.0 if kind == 'embed' else 10.0)}, class_weight=balanced)" + ("" if kind == "embed" else " on TF-IDF 1-2 grams"),
+        "embedding_model": MODEL_ID if kind in EMBEDDING_KINDS else None,
+        # embedding window: prompts are truncated to their first max_tokens wordpieces before embedding
+        "max_tokens": cfg.max_tokens if kind in EMBEDDING_KINDS else None,
+        "classifier": f"LogisticRegression(C={cfg.C or DEFAULT_C[kind]}, class_weight=balanced)" + {
+            "embed": " on MiniLM embeddings",
+            "tfidf": " on TF-IDF 1-2 grams",
+            "combined": f" on TF-IDF word 1-2 + char_wb 2-5 grams hstacked with {COMBINED_EMB_WEIGHT} x MiniLM embeddings",
+        }[kind],
         "data": {"path": str(ex.path), "sha256": ex.sha256, "examples": len(ex.texts),
                  "per_task": {t: ex.labels.count(t) for t in tasks}},
         "metrics": {"validation": validation, "selected_by": "validation macro-F1" if len(kinds) > 1 else "--model"},

@@ -80,7 +80,7 @@ def test_every_exchange_is_logged_with_route_and_feedback(routed_gateway):
         with pytest.raises(RouterError):
             c.generate(CODE_PROMPT, adapter="missing@1", client_id="tenant-a")
         with pytest.raises(RouterError):
-            c.generate(CODE_PROMPT, max_tokens=1500, temperature=1.0, timeout=1.0, client_id="tenant-a")
+            c.generate(CODE_PROMPT, max_tokens=1500, temperature=1.0, timeout=3.0, client_id="tenant-a")
         store = open_store(gw.db)
         rec = store.get(ok.request_id)
         assert rec is not None and rec.response_text == ok.text and rec.task == "code"
@@ -89,8 +89,9 @@ def test_every_exchange_is_logged_with_route_and_feedback(routed_gateway):
         srec = store.get(streamed[-1].request_id)
         assert srec.stream and srec.response_text == "".join(ch.delta for ch in streamed)
         recs = list(store.iter_records(client_id="tenant-a"))
-        poll(lambda: {r.status for r in store.iter_records(client_id="tenant-a")} >= {"ok", "error", "cancelled"},
-             timeout_s=30, what="failed and cancelled requests to be logged")
+        statuses = lambda: {r.status for r in store.iter_records(client_id="tenant-a")}  # noqa: E731
+        poll(lambda: statuses() >= {"ok", "error", "cancelled"}, timeout_s=30,
+             what="failed and cancelled requests to be logged (have: {})".format(statuses()))
         errs = [r for r in store.iter_records(client_id="tenant-a") if r.status == "error"]
         assert any("NOT_FOUND" in r.error for r in errs)
         assert len(recs) >= 2

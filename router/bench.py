@@ -1,0 +1,251 @@
+"""`specialist-router bench gateway`: gateway vs direct vLLM, same prompts, interleaved in one run.
+
+Real first-turn prompts from ShareGPT; greedy decoding so both paths generate the same tokens. For every
+concurrency level the modes alternate (gateway, direct, gateway, direct, ...) so drift on a shared machine
+hits both alike. Reported: output tokens/s ratio (gateway / direct) and the latency the gateway adds
+(TTFT and end-to-end, p50 and p99, in ms). The gateway runs as its own process (as in production);
+optional variants with the classifier and/or conversation logging on run in the same interleaving.
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+
+@dataclass
+class RunStats:
+    mode: str
+    concurrency: int
+    ttft_ms: list = field(default_factory=list)
+    e2e_ms: list = field(default_factory=list)
+    tokens: int = 0
+    wall_s: float = 0.0
+    errors: int = 0
+
+    @property
+    def tok_s(self) -> float:
+        return self.tokens / self.wall_s if self.wall_s else 0.0
+
+
+def pct(xs: list[float], q: float) -> float:
+    if not xs:
+        return float("nan")
+    s = sorted(xs)
+    k = min(len(s) - 1, max(0, int(round(q / 100 * (len(s) - 1)))))
+    return s[k]
+
+
+async def run_direct(url: str, model: str, prompts: list[str], conc: int, max_tokens: int) -> RunStats:
+    import aiohttp
+
+    st = RunStats("direct", conc)
+    sem = asyncio.Semaphore(conc)
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=conc * 2)) as s:
+        async def one(p: str) -> None:
+            async with sem:
+                t0 = time.perf_counter()
+                ttft = None
+                body = {"model": model, "messages": [{"role": "user", "content": p}], "max_tokens": max_tokens,
+                        "temperature": 0, "stream": True, "stream_options": {"include_usage": True}}
+                try:
+                    async with s.post(f"{url}/v1/chat/completions", json=body) as r:
+                        async for raw in r.content:
+                            line = raw.strip()
+                            if not line.startswith(b"data:") or line[5:].strip() == b"[DONE]":
+                                continue
+                            chunk = json.loads(line[5:])
+                            ch = chunk.get("choices") or []
+                            if ch and (ch[0].get("delta") or {}).get("content") and ttft is None:
+                                ttft = time.perf_counter() - t0
+                            if chunk.get("usage"):
+                                st.tokens += int(chunk["usage"]["completion_tokens"])
+                except Exception:
+                    st.errors += 1
+                    return
+                st.ttft_ms.append(1000 * (ttft if ttft is not None else time.perf_counter() - t0))
+                st.e2e_ms.append(1000 * (time.perf_counter() - t0))
+        t0 = time.perf_counter()
+        await asyncio.gather(*(one(p) for p in prompts))
+        st.wall_s = time.perf_counter() - t0
+    return st
+
+
+async def run_gateway(target: str, mode: str, prompts: list[str], conc: int, max_tokens: int) -> RunStats:
+    import grpc
+
+    from router.v1 import router_pb2 as pb
+    from router.v1 import router_pb2_grpc as pbg
+
+    st = RunStats(mode, conc)
+    sem = asyncio.Semaphore(conc)
+    async with grpc.aio.insecure_channel(target) as ch:
+        stub = pbg.RouterServiceStub(ch)
+
+        async def one(p: str) -> None:
+            async with sem:
+                t0 = time.perf_counter()
+                ttft = None
+                req = pb.GenerateStreamRequest(messages=[pb.ChatMessage(role="user", content=p)],
+                                               sampling=pb.SamplingParams(max_tokens=max_tokens, temperature=0),
+                                               adapter="base" if mode == "gateway" else "")
+                try:
+                    async for m in stub.GenerateStream(req, timeout=600):
+                        if m.delta and ttft is None:
+                            ttft = time.perf_counter() - t0
+                        if m.finished:
+                            st.tokens += m.usage.completion_tokens
+                except grpc.aio.AioRpcError:
+                    st.errors += 1
+                    return
+                st.ttft_ms.append(1000 * (ttft if ttft is not None else time.perf_counter() - t0))
+                st.e2e_ms.append(1000 * (time.perf_counter() - t0))
+        t0 = time.perf_counter()
+        await asyncio.gather(*(one(p) for p in prompts))
+        st.wall_s = time.perf_counter() - t0
+    return st
+
+
+def start_gateway(url: str, model: str, port: int, *, classifier: bool, logs: bool, data_dir: Path) -> subprocess.Popen:
+    cmd = [sys.executable, "-m", "router.cli", "serve", "--backend-url", url, "--model", model, "--port", str(port),
+           "--log-level", "WARNING"]
+    if not classifier:
+        cmd.append("--no-classifier")
+    if not logs:
+        cmd.append("--no-logs")
+    env = dict(os.environ, SPECIALIST_ROUTER__LOGS__PATH=str(data_dir / f"bench-logs-{port}.sqlite3"))
+    return subprocess.Popen(cmd, env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+async def wait_gateway(target: str, timeout_s: float = 300) -> None:
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            async with grpc.aio.insecure_channel(target) as ch:
+                r = await health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(), timeout=2)
+                if r.status == health_pb2.HealthCheckResponse.SERVING:
+                    return
+        except grpc.aio.AioRpcError:
+            pass
+        await asyncio.sleep(0.5)
+    raise RuntimeError(f"gateway {target} did not become SERVING")
+
+
+def summarize(runs: list[RunStats], modes: list[str], concs: list[int]) -> dict:
+    out: dict = {}
+    for c in concs:
+        agg = {}
+        for m in modes:
+            rs = [r for r in runs if r.mode == m and r.concurrency == c]
+            agg[m] = dict(tok_s=sum(r.tokens for r in rs) / max(1e-9, sum(r.wall_s for r in rs)),
+                          ttft_p50=pct([x for r in rs for x in r.ttft_ms], 50),
+                          ttft_p99=pct([x for r in rs for x in r.ttft_ms], 99),
+                          e2e_p50=pct([x for r in rs for x in r.e2e_ms], 50),
+                          e2e_p99=pct([x for r in rs for x in r.e2e_ms], 99),
+                          errors=sum(r.errors for r in rs), requests=sum(len(r.e2e_ms) for r in rs))
+        d = agg["direct"]
+        for m in modes:
+            if m == "direct":
+                continue
+            g = agg[m]
+            g["ratio_tok_s"] = g["tok_s"] / d["tok_s"] if d["tok_s"] else float("nan")
+            for k in ("ttft_p50", "ttft_p99", "e2e_p50", "e2e_p99"):
+                g["added_" + k] = g[k] - d[k]
+        out[str(c)] = agg
+    return out
+
+
+def render(summary: dict) -> str:
+    lines = ["| concurrency | mode | tok/s | ratio vs direct | TTFT p50 / p99 ms | added TTFT p50 / p99 | "
+             "e2e p50 / p99 ms | added e2e p50 / p99 | errors |", "|---|---|---|---|---|---|---|---|---|"]
+    for c, agg in summary.items():
+        for m, g in agg.items():
+            ratio = f"{g['ratio_tok_s']:.3f}" if "ratio_tok_s" in g else "1"
+            added_t = f"{g['added_ttft_p50']:+.1f} / {g['added_ttft_p99']:+.1f}" if "added_ttft_p50" in g else "-"
+            added_e = f"{g['added_e2e_p50']:+.1f} / {g['added_e2e_p99']:+.1f}" if "added_e2e_p50" in g else "-"
+            lines.append(f"| {c} | {m} | {g['tok_s']:.1f} | {ratio} | {g['ttft_p50']:.1f} / {g['ttft_p99']:.1f} | "
+                         f"{added_t} | {g['e2e_p50']:.1f} / {g['e2e_p99']:.1f} | {added_e} | {g['errors']} |")
+    return "\n".join(lines)
+
+
+async def bench(args) -> dict:
+    from router import paths
+    from router.config import BackendConfig
+    from router.managed import ManagedVLLM, free_port
+    from router.model import prepare
+    from router.sharegpt import first_turn_prompts
+
+    model = str(prepare())
+    managed = None
+    url = getattr(args, "backend_url", None)
+    if not url:
+        managed = ManagedVLLM(BackendConfig(max_model_len=2048), model)
+        print(f"[bench] starting vLLM ({model}) ...", flush=True)
+        await managed.start()
+        url = managed.url
+    variants = {"gateway": dict(classifier=False, logs=False)}
+    if args.classifier:
+        variants["gateway+classifier"] = dict(classifier=True, logs=False)
+    if args.logs:
+        variants["gateway+logs"] = dict(classifier=False, logs=True)
+    procs, targets = [], {}
+    data = paths.data_dir() / "bench"
+    data.mkdir(parents=True, exist_ok=True)
+    try:
+        for name, kw in variants.items():
+            port = free_port()
+            procs.append(start_gateway(url, model, port, data_dir=data, **kw))
+            targets[name] = f"127.0.0.1:{port}"
+        for t in targets.values():
+            await wait_gateway(t)
+        prompts = first_turn_prompts(args.prompts, max_chars=1500)
+        concs = [int(c) for c in str(args.concurrency).split(",")]
+        modes = [*variants, "direct"]
+        runs: list[RunStats] = []
+        # warm-up (compile paths, caches) not measured
+        await run_direct(url, model, prompts[:4], 4, 8)
+        for t in targets.values():
+            await run_gateway(t, "gateway", prompts[:4], 4, 8)
+        for c in concs:
+            for rnd in range(args.rounds):
+                order = modes if rnd % 2 == 0 else list(reversed(modes))
+                for m in order:
+                    if m == "direct":
+                        st = await run_direct(url, model, prompts, c, args.max_tokens)
+                    else:
+                        st = await run_gateway(targets[m], m, prompts, c, args.max_tokens)
+                        st.mode = m
+                    runs.append(st)
+                    print(f"[bench] c={c} round={rnd} {m:<20} {st.tok_s:7.1f} tok/s  "
+                          f"e2e p50 {pct(st.e2e_ms, 50):7.1f} ms  errors {st.errors}", flush=True)
+        summary = summarize(runs, modes, concs)
+        result = {"prompts": len(prompts), "max_tokens": args.max_tokens, "rounds": args.rounds,
+                  "model": model, "summary": summary}
+        print(render(summary))
+        if args.json_out:
+            Path(args.json_out).write_text(json.dumps(result, indent=2))
+        return result
+    finally:
+        for p in procs:
+            try:
+                os.killpg(p.pid, signal.SIGTERM)
+                p.wait(30)
+            except Exception:
+                pass
+        if managed is not None:
+            await managed.stop()
+
+
+def main(args) -> int:
+    asyncio.run(bench(args))
+    return 0
