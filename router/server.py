@@ -36,6 +36,8 @@ log = logging.getLogger("router.gateway")
 FINISH = {"stop": pb.FINISH_REASON_STOP, "length": pb.FINISH_REASON_LENGTH, "abort": pb.FINISH_REASON_CANCELLED,
           "cancelled": pb.FINISH_REASON_CANCELLED, "error": pb.FINISH_REASON_ERROR}
 ADAPTER_NAME = __import__("re").compile(r"^[A-Za-z0-9][A-Za-z0-9_.@-]{0,99}$")
+# health service name that reports the conversation log: NOT_SERVING while writes fail (the gateway keeps serving)
+LOG_HEALTH_SERVICE = "router.v1.ConversationLog"
 SERVICES = ("router.v1.RouterService", "router.v1.AdminService")
 
 
@@ -77,12 +79,23 @@ class Gateway:
             await self.health.set(name, status)
 
     async def monitor_backend(self, interval_s: float = 1.0) -> None:
+        logs_ok = True
         while True:
             up = await self.backend.health()
             if up != self.backend_up:
                 log.info("backend %s is %s", self.backend.url, "up" if up else "DOWN")
             self.backend_up = up
             await self.set_serving(up)
+            if self.log_writer is not None:
+                ok = bool(getattr(self.log_writer, "healthy", True)) and self.log_failures == 0
+                if ok != logs_ok:
+                    if not ok:
+                        log.error("CONVERSATION LOG IS FAILING (%d failed writes, last error: %s); requests are still "
+                                  "served but are not being logged", self.log_failures,
+                                  getattr(self.log_writer, "last_error", ""))
+                    logs_ok = ok
+                await self.health.set(LOG_HEALTH_SERVICE, health_pb2.HealthCheckResponse.SERVING if ok
+                                      else health_pb2.HealthCheckResponse.NOT_SERVING)
             await asyncio.sleep(interval_s)
 
     def spawn(self, coro) -> asyncio.Task:
@@ -431,6 +444,51 @@ class AdminServicer(pbg.AdminServiceServicer):
         return await self._call(context, go)
 
 
+class _Undecodable:
+    """Stands in for a request whose bytes are not valid protobuf (e.g. strings that are not UTF-8)."""
+
+    def __init__(self, error: str):
+        self.error = error
+
+
+def _safe_deserializer(cls):
+    from google.protobuf.message import DecodeError
+
+    def deserialize(data: bytes):
+        try:
+            return cls.FromString(data)
+        except DecodeError as exc:
+            return _Undecodable(str(exc))
+    return deserialize
+
+
+_UNDECODABLE = ("the request could not be decoded: every string field must be valid UTF-8 and the message must "
+                "match router.v1 ({})")
+
+
+def add_servicer(server, service: str, servicer) -> None:
+    """Like the generated add_*_to_server, but an undecodable request is INVALID_ARGUMENT, not INTERNAL."""
+    handlers = {}
+    for m in pb.DESCRIPTOR.services_by_name[service].methods:
+        fn = getattr(servicer, m.name)
+        req_cls, resp_cls = getattr(pb, m.input_type.name), getattr(pb, m.output_type.name)
+        kw = dict(request_deserializer=_safe_deserializer(req_cls), response_serializer=resp_cls.SerializeToString)
+        if m.server_streaming:
+            async def stream(request, context, fn=fn):
+                if isinstance(request, _Undecodable):
+                    await context.abort(grpc.StatusCode.INVALID_ARGUMENT, _UNDECODABLE.format(request.error))
+                async for item in fn(request, context):
+                    yield item
+            handlers[m.name] = grpc.unary_stream_rpc_method_handler(stream, **kw)
+        else:
+            async def unary(request, context, fn=fn):
+                if isinstance(request, _Undecodable):
+                    await context.abort(grpc.StatusCode.INVALID_ARGUMENT, _UNDECODABLE.format(request.error))
+                return await fn(request, context)
+            handlers[m.name] = grpc.unary_unary_rpc_method_handler(unary, **kw)
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(f"router.v1.{service}", handlers),))
+
+
 class Server:
     """A started gateway: `.port`, `.gateway`, `await .stop()`."""
 
@@ -541,8 +599,8 @@ async def build(cfg: GatewayConfig, *, backend_url: str | None = None, progress=
 
     server = grpc.aio.server(interceptors=interceptors, options=[
         ("grpc.max_receive_message_length", 64 * 1024 * 1024), ("grpc.so_reuseport", 0)])
-    pbg.add_RouterServiceServicer_to_server(RouterServicer(gw), server)
-    pbg.add_AdminServiceServicer_to_server(AdminServicer(gw), server)
+    add_servicer(server, "RouterService", RouterServicer(gw))
+    add_servicer(server, "AdminService", AdminServicer(gw))
     health_pb2_grpc.add_HealthServicer_to_server(gw.health, server)
     names = [pb.DESCRIPTOR.services_by_name[s.split(".")[-1]].full_name for s in SERVICES]
     reflection.enable_server_reflection([*names, health.SERVICE_NAME, reflection.SERVICE_NAME], server)

@@ -181,3 +181,15 @@ def test_async_client_generate_and_stream(gateway):
 
     r, streamed = asyncio.run(go())
     assert r.text == streamed
+
+
+def test_non_utf8_bytes_at_the_grpc_edge_are_invalid_argument(gateway):
+    # a GenerateRequest whose message content (field 1 -> ChatMessage.content, field 2) holds invalid UTF-8
+    inner = b"\x0a\x04user" + b"\x12\x03\xff\xfe\xfd"
+    raw = b"\x0a" + bytes([len(inner)]) + inner
+    with grpc.insecure_channel(gateway.target) as ch:
+        call = ch.unary_unary("/router.v1.RouterService/Generate", request_serializer=None, response_deserializer=None)
+        with pytest.raises(grpc.RpcError) as e:
+            call(raw, timeout=30)
+    assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "UTF-8" in e.value.details()

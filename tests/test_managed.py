@@ -1,6 +1,7 @@
 """Managed mode: the gateway owns its vLLM child; a crashed vLLM is restarted and its adapters come back."""
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 
@@ -16,6 +17,14 @@ from router.v1 import router_pb2 as pb
 
 pytestmark = pytest.mark.vllm
 PROMPT = [{"role": "user", "content": "Say hello."}]
+
+
+@contextlib.contextmanager
+def gw_stopped(gw):
+    try:
+        yield gw
+    finally:
+        gw.stop()
 
 
 def health(target: str) -> int:
@@ -36,7 +45,7 @@ def test_managed_vllm_crash_is_unavailable_then_restarted_with_adapters(gateway_
                                                                  "max_loras": 2, "max_cpu_loras": 4}}, external=False)
     managed = gw.gateway.managed
     assert managed is not None and managed.alive()
-    with Client(gw.target, timeout=300) as c:
+    with gw_stopped(gw), Client(gw.target, timeout=300) as c:
         c.admin.DeployAdapter(pb.DeployAdapterRequest(task="code", version="1"), timeout=300)
         before = c.generate(PROMPT, task="code", max_tokens=12, temperature=0)
         assert before.adapter == "code@1"
@@ -53,3 +62,35 @@ def test_managed_vllm_crash_is_unavailable_then_restarted_with_adapters(gateway_
         poll(lambda: managed.restarts >= 1, timeout_s=60, what="adapters to be reloaded")
         after = c.generate(PROMPT, task="code", max_tokens=12, temperature=0)
         assert after.adapter == "code@1" and after.text == before.text
+
+
+def test_six_specialists_on_two_slots_all_answer_correctly(gateway_factory, model_dir, tmp_path):
+    """More production adapters (6) than batch slots (--max-loras 2) and CPU cache (--max-cpu-loras 4)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from lora_fixtures import make_lora
+
+    tasks = ["code", "math", "writing", "translation", "summarization", "extraction"]
+    reg = Registry(tmp_path / "registry")
+    for i, t in enumerate(tasks):
+        reg.register(t, make_lora(model_dir, tmp_path / t, seed=50 + i),
+                     base_model_id="HuggingFaceTB/SmolLM2-135M-Instruct", base_fingerprint=fingerprint(model_dir))
+        reg.set_alias(t, "production", "1")
+    gw = gateway_factory({"registry": str(reg.root), "backend": {"mode": "managed", "model": str(model_dir),
+                                                                 "max_loras": 2, "max_cpu_loras": 4}}, external=False)
+    with gw_stopped(gw), Client(gw.target, timeout=600) as c:
+        routes = {e.task: e.adapter for e in c.admin.ListAdapters(pb.ListAdaptersRequest(), timeout=30).routes}
+        assert routes == {t: f"{t}@1" for t in tasks}  # restored from the registry at start
+        solo = {t: c.generate(PROMPT, task=t, max_tokens=16, temperature=0) for t in [*tasks, "base"] if t != "base"}
+        solo["base"] = c.generate(PROMPT, adapter="base", max_tokens=16, temperature=0)
+        assert len({r.text for r in solo.values()}) >= 5  # the adapters really differ
+
+        def call(t):
+            return t, (c.generate(PROMPT, adapter="base", max_tokens=16, temperature=0) if t == "base"
+                       else c.generate(PROMPT, task=t, max_tokens=16, temperature=0))
+
+        with ThreadPoolExecutor(8) as ex:
+            together = list(ex.map(call, [*tasks, "base"] * 2))
+        for t, r in together:
+            assert r.adapter == ("" if t == "base" else f"{t}@1")
+            assert r.text == solo[t].text, f"{t}: batched output differs from its solo run"
