@@ -14,7 +14,6 @@ range is checked against the file size, then the `safetensors` library opens the
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
@@ -85,12 +84,7 @@ def safe_join(root: Path, *parts: str) -> Path:
 
 # ----------------------------------------------------------------------------------------------- files
 
-def sha256_file(path: Path, bufsize: int = 1 << 22) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while chunk := fh.read(bufsize):
-            h.update(chunk)
-    return h.hexdigest()
+from router.model import sha256_file  # noqa: E402  (one implementation, re-exported for the registry)
 
 
 def read_adapter_config(path: Path) -> dict:

@@ -1,12 +1,15 @@
-"""Classifier benchmark: held-out quality (embed vs TF-IDF) and CPU latency/throughput of the embed model.
+"""Classifier benchmark: seed-set cross-validation, held-out quality and CPU latency of the candidates.
 
-Run: .venv/bin/python bench/classifier_bench.py [--out docs/bench-classifier.json]
+Run: .venv/bin/python bench/classifier_bench.py [--out /tmp/bench-classifier.json]
 
-- trains both kinds on the seed set (the same recipe as `classifier train`) into a temp dir,
-- scores them on classifier/data/heldout_real.jsonl (accuracy, macro-F1, misroute and fallback rates at
-  each artifact's own threshold),
+- 5-fold stratified cross-validation on the seed set for every candidate (model kind x embedding window):
+  this, and only this, is what model selection uses,
+- trains every candidate on the whole seed set (the `classifier train` recipe) into a temp dir and scores it
+  once on classifier/data/heldout_real.jsonl (accuracy, macro-F1, misroute and fallback rates at each
+  artifact's own threshold): reported, never used to choose,
 - single-prompt latency p50/p99 of `Classifier.predict_detailed([text])` for prompts of ~16..512 tokens,
-  with torch threads = 1 and = 2, and batch throughput (batches of 32 real prompts).
+  with torch threads = 1 and = 2, and batch throughput (batches of 32 real prompts), for the `--latency`
+  candidates.
 """
 from __future__ import annotations
 
@@ -27,22 +30,70 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
-def quality(tmp: Path, embedder) -> dict:
+CANDIDATES = ("combined@128", "combined@256", "embed@128", "embed@256", "tfidf")
+
+
+def _split(cand: str) -> tuple[str, int]:
+    kind, _, mt = cand.partition("@")
+    return kind, int(mt or 128)
+
+
+def cross_validation(cands, embedder, folds: int = 5, seed: int = 0) -> dict:
+    """Out-of-fold accuracy / macro-F1 / log-loss on the seed set (also on its real ShareGPT rows only)."""
+    import json as _json
+
+    from sklearn.metrics import accuracy_score, f1_score, log_loss
+    from sklearn.model_selection import StratifiedKFold
+
+    import classifier
+    from classifier.combined import TextsAndEmbeddings
+    from classifier.dataset import load_jsonl
+    from classifier.train import _cached_embeddings, _take, make_model
+
+    ex = load_jsonl(classifier.seed_path())
+    y = np.array(ex.labels)
+    real = np.array([_json.loads(line).get("source", "").startswith("sharegpt")
+                     for line in open(ex.path, encoding="utf-8") if line.strip()])
+    out = {}
+    with tempfile.TemporaryDirectory() as d:
+        for cand in cands:
+            kind, mt = _split(cand)
+            emb = _cached_embeddings(Path(d), ex, embedder, mt) if kind != "tfidf" else None
+            X = {"tfidf": list(ex.texts), "embed": emb}.get(kind) if kind != "combined" else TextsAndEmbeddings(list(ex.texts), emb)
+            P = np.zeros((len(y), len(ex.tasks)))
+            classes = None
+            for tr, va in StratifiedKFold(folds, shuffle=True, random_state=seed).split(ex.texts, y):
+                m = make_model(kind, None, seed).fit(_take(X, tr), y[tr])
+                classes = list(m.classes_)
+                P[va] = m.predict_proba(_take(X, va))
+            pred = np.array(classes)[P.argmax(1)]
+            out[cand] = {"accuracy": round(float(accuracy_score(y, pred)), 3),
+                         "macro_f1": round(float(f1_score(y, pred, average="macro")), 3),
+                         "log_loss": round(float(log_loss(y, P, labels=classes)), 3),
+                         "real_rows_accuracy": round(float(accuracy_score(y[real], pred[real])), 3),
+                         "real_rows_macro_f1": round(float(f1_score(y[real], pred[real], average="macro")), 3)}
+            print(f"cv {cand}: {out[cand]}", file=sys.stderr, flush=True)
+    return out
+
+
+def quality(tmp: Path, embedder, cands) -> dict:
     import classifier
     from classifier.metrics import evaluate
     from classifier.train import TrainConfig, predict_file, train
 
     out = {}
-    for kind in ("embed", "tfidf"):
+    for cand in cands:
+        kind, mt = _split(cand)
         t0 = time.monotonic()
-        train(TrainConfig(data=classifier.seed_path(), out=tmp / kind, model=kind), embedder=embedder, log=lambda *a: None)
+        train(TrainConfig(data=classifier.seed_path(), out=tmp / cand, model=kind, max_tokens=mt),
+              embedder=embedder, log=lambda *a: None)
         train_s = time.monotonic() - t0
-        clf = classifier.load(tmp / kind)
+        clf = classifier.load(tmp / cand)
         clf._embedder = embedder
         ex, pred, conf = predict_file(clf, classifier.heldout_path())
         m = evaluate(ex.labels, pred, conf, clf.tasks, clf.threshold)
         r = m["routing"]
-        out[kind] = {"accuracy": m["accuracy"], "macro_f1": m["macro_f1"], "threshold": clf.threshold,
+        out[cand] = {"accuracy": m["accuracy"], "macro_f1": m["macro_f1"], "threshold": clf.threshold,
                      "misroute_rate": r["misroute_rate"], "fallback_rate": r["fallback_rate"],
                      "routed_precision": r["routed_precision"], "n": m["n"], "train_s": round(train_s, 1),
                      "per_class_f1": {t: round(c["f1"], 3) for t, c in m["per_class"].items()}}
@@ -92,7 +143,14 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", type=Path, default=None, help="also write the figures as JSON here")
     ap.add_argument("--reps", type=int, default=200, help="single-prompt calls per size")
+    ap.add_argument("--candidates", default=",".join(CANDIDATES), help="kind@max_tokens, comma-separated")
+    ap.add_argument("--latency", default="combined@128,embed@256",
+                    help="candidates to time (comma-separated; empty: none)")
+    ap.add_argument("--threads", default="1,2", help="torch thread counts for the latency runs")
     args = ap.parse_args()
+    cands = [c for c in args.candidates.split(",") if c]
+    timed = [c for c in args.latency.split(",") if c]
+    threads = [int(t) for t in args.threads.split(",") if t]
     import torch
 
     import classifier
@@ -101,15 +159,19 @@ def main() -> int:
 
     torch.set_num_threads(2)
     embedder = Embedder()
+    cv = cross_validation(cands, embedder)
     with tempfile.TemporaryDirectory() as d:
-        q = quality(Path(d), embedder)
-        clf = classifier.load(Path(d) / "embed")
-        clf._embedder = embedder
+        q = quality(Path(d), embedder, sorted(set(cands) | set(timed)))
         base = first_turn_prompts(400, min_chars=200)
-        lat = {th: latency(clf, embedder.tokenizer, base, th, reps=args.reps) for th in (1, 2)}
         real = first_turn_prompts(512)
-        tput = {th: round(throughput(clf, real, th), 1) for th in (1, 2)}
-    result = {"quality": q, "latency_ms": lat, "throughput_prompts_per_s": tput,
+        lat, tput = {}, {}
+        for cand in timed:
+            clf = classifier.load(Path(d) / cand)
+            clf._embedder = embedder
+            lat[cand] = {th: latency(clf, embedder.tokenizer, base, th, reps=args.reps) for th in threads}
+            tput[cand] = {th: round(throughput(clf, real, th), 1) for th in threads}
+            print(f"latency {cand}: {lat[cand]}", file=sys.stderr, flush=True)
+    result = {"cross_validation_on_seed": cv, "heldout": q, "latency_ms": lat, "throughput_prompts_per_s": tput,
               "machine": {"cpu_count": os.cpu_count(), "platform": platform.platform(), "torch": torch.__version__}}
     print(json.dumps(result, indent=2))
     if args.out:

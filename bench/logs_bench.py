@@ -114,7 +114,7 @@ def main(argv=None) -> int:
           f"(imported {imp['no_classifier']['imported']})")
     print(f"  re-run (no-op)    {imp['rerun_idempotent']['conv_per_s']:9,.0f} conv/s")
     wc = imp["with_classifier"]
-    print(f"  import, with clf  " + (f"{wc['conv_per_s']:9,.0f} conv/s" if "conv_per_s" in wc else f"skipped: {wc['skipped']}"))
+    print("  import, with clf  " + (f"{wc['conv_per_s']:9,.0f} conv/s" if "conv_per_s" in wc else f"skipped: {wc['skipped']}"))
     records = sample_records(500)
     avg = statistics.mean(len(json.dumps(r.messages)) + len(r.response_text) for r in records)
     result["record_avg_chars"] = avg

@@ -171,20 +171,25 @@ def _env_overrides(prefix: str = ENV_PREFIX) -> dict:
     return out
 
 
+def read_yaml_mapping(path: str | Path) -> dict:
+    """A YAML config file's top-level mapping, or a ConfigError saying what is wrong with the file."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"config file {p} does not exist")
+    try:
+        data = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"config file {p} is not valid YAML: {exc}") from exc
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {p} must hold a mapping at the top level")
+    return data
+
+
 def load(config_file: str | Path | None = None, overrides: dict | None = None) -> GatewayConfig:
     """defaults < YAML file < environment < overrides (CLI flags)."""
     cfg = GatewayConfig()
     if config_file:
-        p = Path(config_file)
-        if not p.is_file():
-            raise ConfigError(f"config file {p} does not exist")
-        try:
-            data = yaml.safe_load(p.read_text()) or {}
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"config file {p} is not valid YAML: {exc}") from exc
-        if not isinstance(data, dict):
-            raise ConfigError(f"config file {p} must hold a mapping at the top level")
-        apply(cfg, data)
+        apply(cfg, read_yaml_mapping(config_file))
     apply(cfg, _env_overrides())
     if overrides:
         apply(cfg, overrides)

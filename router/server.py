@@ -21,7 +21,6 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from router import paths
 from router.auth import AuthInterceptor, load_tokens
 from router.backend import StreamEvent, VLLMBackend, now_ms
 from router.config import GatewayConfig
@@ -111,7 +110,12 @@ class Gateway:
                 return self.table.loaded[name]
             if not Path(path).is_dir():
                 raise InvalidArgument(f"adapter path {path} is not a folder on the gateway host: pass a PEFT folder")
-            await self.backend.load_lora(name, str(Path(path).resolve()))
+            try:
+                await self.backend.load_lora(name, str(Path(path).resolve()))
+            except FailedPrecondition as exc:
+                # another gateway replica sharing this backend loaded the same versioned name: same adapter
+                if "already" not in str(exc):
+                    raise
             a = LoadedAdapter(name=name, path=str(Path(path).resolve()), task=task, version=version)
             self.table.loaded = {**self.table.loaded, name: a}
             return a

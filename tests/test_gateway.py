@@ -1,8 +1,6 @@
 """Serving core against real parts: real vLLM CPU server, real gRPC gateway on loopback, the SDK as client."""
 from __future__ import annotations
 
-import threading
-import time
 
 import grpc
 import httpx

@@ -17,7 +17,7 @@ import pytest
 from router.errors import FailedPrecondition, InvalidArgument, NotFound
 from router.logs.pii import PiiPolicy, luhn_valid
 from router.logs.schema import LogRecord
-from router.logs.store import SCHEMA_VERSION, LogWriteError, SQLiteLogStore, open_store
+from router.logs.store import SCHEMA_VERSION, LogWriteError, open_store
 from router.logs.validation import validate_record_sizes
 from router.logs.writer import AsyncLogWriter
 

@@ -158,7 +158,7 @@ def test_trainer_trains_only_on_completion_tokens(tmp_path):
     from datasets import Dataset
     from peft import LoraConfig
     from transformers import AutoModelForCausalLM, AutoTokenizer
-    from trl import SFTConfig, SFTTrainer
+    from trl import SFTTrainer
 
     from router import model
     from training.backends import _sft_config, TrainJob

@@ -13,7 +13,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
 
 from router.config import ConfigError, apply
 
@@ -150,17 +149,9 @@ def _env_overrides() -> dict:
 
 def load(config_file: str | Path | None = None, overrides: dict | None = None) -> TrainConfig:
     """defaults < profile < YAML file < environment < overrides (CLI flags), then validate."""
-    file_data: dict = {}
-    if config_file:
-        p = Path(config_file)
-        if not p.is_file():
-            raise ConfigError(f"config file {p} does not exist")
-        try:
-            file_data = yaml.safe_load(p.read_text()) or {}
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"config file {p} is not valid YAML: {exc}") from exc
-        if not isinstance(file_data, dict):
-            raise ConfigError(f"config file {p} must hold a mapping at the top level")
+    from router.config import read_yaml_mapping
+
+    file_data: dict = read_yaml_mapping(config_file) if config_file else {}
     env = _env_overrides()
     overrides = {k: v for k, v in (overrides or {}).items() if v is not None}
     profile = str(overrides.get("profile") or env.get("profile") or file_data.get("profile") or "quick")
