@@ -30,7 +30,7 @@ class CombinedModel:
     Each TF-IDF block is L2-normalized per row, as is the embedding, so `emb_weight` sets the embedding's share.
     """
 
-    def __init__(self, C: float = 10.0, emb_weight: float = 2.0, seed: int = 0):
+    def __init__(self, C: float = 10.0, emb_weight: float = 1.0, seed: int = 0):
         self.C = C
         self.emb_weight = emb_weight
         self.seed = seed

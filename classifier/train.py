@@ -22,7 +22,7 @@ KINDS = ("combined", "embed", "tfidf", "auto")
 EMBEDDING_KINDS = ("combined", "embed")
 # Defaults chosen by 5-fold cross-validation on the seed set (docs/bench-classifier.md).
 DEFAULT_C = {"embed": 3.0, "tfidf": 10.0, "combined": 10.0}
-COMBINED_EMB_WEIGHT = 2.0
+COMBINED_EMB_WEIGHT = 1.0
 
 
 @dataclass

@@ -70,6 +70,7 @@ class ManagedVLLM:
         self.log_path = paths.data_dir() / "logs" / f"vllm-{self.port}.log"
         self._stopping = False
         self._watch_task: asyncio.Task | None = None
+        self.restarting = False  # True from a detected crash until the restarted server has its adapters back
 
     @property
     def url(self) -> str:
@@ -131,6 +132,7 @@ class ManagedVLLM:
                         on_down()
                     return
                 log.error("managed vLLM exited (status %s); restarting", self.proc and self.proc.returncode)
+                self.restarting = True
                 if on_down:
                     on_down()
                 try:
@@ -141,6 +143,7 @@ class ManagedVLLM:
                     backoff = 1.0
                     if on_restart:
                         await on_restart()
+                    self.restarting = False
                 except Exception as exc:  # keep supervising; the next loop tries again
                     log.error("managed vLLM restart failed: %s", exc)
                     await asyncio.sleep(backoff)

@@ -80,7 +80,9 @@ class Gateway:
     async def monitor_backend(self, interval_s: float = 1.0) -> None:
         logs_ok = True
         while True:
-            up = await self.backend.health()
+            m = self.managed
+            # a managed backend counts as up only once it runs again *with its adapters reloaded*
+            up = await self.backend.health() and not (m is not None and (m.restarting or not m.alive()))
             if up != self.backend_up:
                 log.info("backend %s is %s", self.backend.url, "up" if up else "DOWN")
             self.backend_up = up
@@ -623,6 +625,7 @@ async def build(cfg: GatewayConfig, *, backend_url: str | None = None, progress=
 
         def on_down():
             gw.backend_up = False
+            gw.spawn(gw.set_serving(False))
 
         tasks.append(managed.watch(on_restart=on_restart, on_down=on_down))
     progress(f"[gateway] serving router.v1 on {cfg.host}:{port} (backend {url}, model {served})")

@@ -230,3 +230,41 @@ def test_ensure_default_is_idempotent(trained, monkeypatch, tmp_path):
     monkeypatch.setenv(router.paths.ENV_HOME, str(home))
     assert classifier.ensure_default() == home / "classifier" / "v1"
     assert classifier.ensure_default() == home / "classifier" / "v1"
+
+
+HARD_CASES = [
+    ("Write a blog post for our company site about why we moved from REST to gRPC.", "writing"),
+    ("Write a Python function that parses ISO dates and returns a datetime.", "code"),
+    ("Translate the comments in this code to English: # 计算总和\ntotal = sum(xs)", "translation"),
+    ("Summarize this: The council voted 5-4 to approve a six-month bike lane pilot on Main Street after a long debate.", "summarization"),
+    ("Rewrite this paragraph to sound more professional: hey the report is late again sorry", "writing"),
+    ("I will send you my document in parts. Only reply 'acknowledged' after each part.", "general"),
+    ("Extract the name and email as JSON: Contact Jane Roe at jane.roe@example.com.", "extraction"),
+    ("What is the probability of drawing two aces from a deck without replacement?", "math"),
+]
+
+
+def test_combined_default_model(tmp_path, embedder):
+    """The default kind (what ensure_default builds): TF-IDF + embeddings of the first 128 wordpieces."""
+    res = train(TrainConfig(data=classifier.seed_path(), out=tmp_path, model="combined", version="c1"),
+                embedder=embedder, log=lambda *a: None)
+    meta = res.metadata
+    assert meta["kind"] == "combined" and meta["max_tokens"] == 128
+    assert meta["embedding_model"] == "sentence-transformers/all-MiniLM-L6-v2"
+    c = classifier.load(tmp_path)
+    c._embedder = embedder
+    assert c.max_tokens == 128
+    assert [t for t, _ in c.predict([t for t, _ in HARD_CASES])] == [task for _, task in HARD_CASES]
+    long = "Please summarize the following report. " + "Revenue grew in all regions this quarter. " * 30
+    p = c.predict_detailed([long, "Write a haiku about rain."])
+    assert p[0].truncated and not p[1].truncated  # ~250 wordpieces: over the 128 window
+    assert abs(sum(p[0].scores.values()) - 1.0) < 1e-5
+
+
+def test_embedding_window(embedder):
+    text = "word " * 200  # ~200 wordpieces
+    X128, t128 = embedder.encode([text], max_tokens=128)
+    X256, t256 = embedder.encode([text], max_tokens=256)
+    assert t128 == [True] and t256 == [False] and X128.shape == X256.shape == (1, 384)
+    with pytest.raises(InvalidArgument, match="max_tokens"):
+        TrainConfig(data=classifier.seed_path(), out=classifier.seed_path().parent, max_tokens=1000).validate()

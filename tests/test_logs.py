@@ -393,6 +393,26 @@ def test_import_sharegpt_idempotent(tmp_path):
         assert s.stats()["by_source"] == {"import": first.imported}
 
 
+def test_import_sharegpt_classifies_last_non_empty_user_turn(tmp_path):
+    # real ShareGPT has empty user turns; the classifier refuses empty text, so the last non-empty one is sent
+    from router.logs.sharegpt_import import import_sharegpt
+    from router.sharegpt import Conversation
+
+    conv = Conversation("x1", ({"role": "user", "content": "fix my SQL"}, {"role": "assistant", "content": "ok"},
+                               {"role": "user", "content": "  "}, {"role": "assistant", "content": "SELECT 1;"}))
+    seen = []
+
+    def classify(texts):
+        assert all(t.strip() for t in texts)
+        seen.extend(texts)
+        return [("code", 0.9) for _ in texts]
+
+    with open_store(tmp_path / "db.sqlite3") as s:
+        res = import_sharegpt(s, classify=classify, progress=False, conversations=[conv])
+        assert res.imported == 1 and seen == ["fix my SQL"]
+        assert s.get("sharegpt-x1").task == "code"
+
+
 def test_cli_import_without_classifier_flag(tmp_path, capsys):
     db = tmp_path / "db.sqlite3"
     assert _cli("logs", "import", "sharegpt", "--db", str(db), "--limit", "20", "--no-classify", "--no-progress",

@@ -175,7 +175,8 @@ def _run(cfg, run_dir: Path, report: RunReport, echo, show_progress: bool, t_sta
     resume_from = last_checkpoint(run_dir / "checkpoints") if cfg.resume else None
     if cfg.resume:
         echo(f"[train] resuming from {resume_from}" if resume_from else "[train] no checkpoint yet: starting at step 0")
-    job = TrainJob(cfg, model_dir, train_rows, eval_rows, run_dir / "checkpoints", run_dir / "adapter",
+    # the in-training eval (overfitting watch) scores the same capped held-out set as the gate, not all of it
+    job = TrainJob(cfg, model_dir, train_rows, eval_rows[: cfg.eval_max_records], run_dir / "checkpoints", run_dir / "adapter",
                    resume_from=resume_from, callbacks=[monitor])
     backend = select_backend(cfg, echo=echo)
     t0 = time.perf_counter()
