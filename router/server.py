@@ -203,7 +203,8 @@ class Gateway:
                 rec.adapter_task, rec.adapter_version = (a.task, a.version) if a else ("", "")
                 self.table.acquire(decision.adapter)
                 acquired = decision.adapter
-            if not self.backend_up and self.managed is not None and not self.managed.alive():
+            m = self.managed
+            if m is not None and (m.restarting or not m.alive()):
                 raise Unavailable("the vLLM backend is down and being restarted: retry shortly")
             yield "start", (rid, decision, classify_ms)
             payload = {"model": decision.adapter or self.served_model, "messages": checked.messages, **checked.sampling}
