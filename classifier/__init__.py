@@ -66,12 +66,36 @@ def ensure_default() -> Path:
 
     root = classifier_dir()
     try:
-        return artifact.resolve(root)
+        found = artifact.resolve(root)
+        if not _stale_default(found):
+            return found
     except FailedPrecondition:
         pass
     with artifact.build_lock(root):
         try:  # another process may have built it while we waited
-            return artifact.resolve(root)
+            found = artifact.resolve(root)
+            if not _stale_default(found):
+                return found
         except FailedPrecondition:
             pass
-        return train(TrainConfig(data=seed_path(), out=root, model="combined")).path
+        return train(TrainConfig(data=seed_path(), out=root, model=DEFAULT_KIND)).path
+
+
+DEFAULT_KIND = "combined"
+
+
+def _stale_default(version_dir: Path) -> bool:
+    """True when the artifact was built from the shipped seed set but not from this release's seed file or
+    recipe (a package upgrade): the default is then rebuilt. Artifacts trained on operators' data are kept."""
+    import hashlib
+    import json
+
+    try:
+        meta = json.loads((Path(version_dir) / "metadata.json").read_text())
+        data = meta.get("data") or {}
+        if Path(str(data.get("path", ""))).name != seed_path().name:
+            return False
+        return (data.get("sha256") != hashlib.sha256(seed_path().read_bytes()).hexdigest()
+                or meta.get("kind") != DEFAULT_KIND)
+    except (OSError, ValueError):
+        return False

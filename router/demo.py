@@ -16,8 +16,8 @@ DEMO_ADAPTER = "demo-lora"
 
 
 def make_adapter(base_dir: str | Path, out_dir: str | Path, *, seed: int = 0, r: int = 8,
-                 target_modules=("q_proj", "k_proj", "v_proj", "o_proj"), scale: float = 0.02) -> Path:
-    """A real PEFT LoRA on the base model with small non-zero weights (changes outputs; not trained)."""
+                 target_modules=("q_proj", "k_proj", "v_proj", "o_proj")) -> Path:
+    """A real PEFT LoRA on the base model with random non-zero weights (changes outputs; not trained)."""
     import torch
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
@@ -27,12 +27,9 @@ def make_adapter(base_dir: str | Path, out_dir: str | Path, *, seed: int = 0, r:
         return out
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_pretrained(str(base_dir), dtype=torch.float32)
+    # init_lora_weights=False: both A and B random (the default B=0 would be a no-op adapter)
     peft_model = get_peft_model(model, LoraConfig(r=r, lora_alpha=2 * r, target_modules=list(target_modules),
                                                   init_lora_weights=False, task_type="CAUSAL_LM"))
-    with torch.no_grad():
-        for name, p in peft_model.named_parameters():
-            if "lora_" in name:
-                p.normal_(0.0, scale)
     tmp = out.with_name(out.name + ".tmp")
     peft_model.save_pretrained(str(tmp))
     tmp.rename(out)
@@ -58,10 +55,11 @@ async def run_demo(server, *, once: bool = False) -> None:
             print(ch.delta, end="", flush=True)
         print()
 
-        print(f"\n=== 3. A LoRA adapter hot-loaded at run time ({DEMO_ADAPTER}) ===")
+        print(f"\n=== 3. A LoRA adapter hot-loaded at run time ({DEMO_ADAPTER}: random weights, untrained;"
+              " trained specialists come from `specialist-router train`) ===")
         if gw.model_dir:
             path = await asyncio.get_running_loop().run_in_executor(
-                None, make_adapter, gw.model_dir, paths.data_dir() / "demo" / DEMO_ADAPTER)
+                None, make_adapter, gw.model_dir, paths.data_dir() / "demo" / f"{DEMO_ADAPTER}-v2")
             if DEMO_ADAPTER not in gw.table.loaded:
                 await c.admin.LoadAdapter(pb.LoadAdapterRequest(name=DEMO_ADAPTER, path=str(path)),
                                           metadata=c.metadata)
