@@ -50,7 +50,7 @@ async def run_demo(server, *, once: bool = False) -> None:
               f"  ttft: {r.timings.ttft_ms:.0f} ms  total: {r.timings.total_ms:.0f} ms")
         print(r.text)
 
-        print("\n=== 2. GenerateStream (same prompt, streamed) ===")
+        print("\n=== 2. GenerateStream (one message per text delta) ===")
         async for ch in c.stream("Name three primary colors.", max_tokens=40, temperature=0):
             print(ch.delta, end="", flush=True)
         print()
