@@ -15,7 +15,7 @@ from typing import AsyncIterator
 
 import aiohttp
 
-from router.errors import FailedPrecondition, InvalidArgument, NotFound, Unavailable
+from router.errors import DeadlineExceeded, FailedPrecondition, InvalidArgument, NotFound, Unavailable
 
 
 @dataclass
@@ -119,6 +119,10 @@ class VLLMBackend:
             raise Unavailable(f"the vLLM backend at {self.url} is not reachable ({type(exc).__name__}); "
                               "it may be starting or restarting, retry shortly") from exc
 
+    def _timed_out(self, total: float) -> DeadlineExceeded:
+        return DeadlineExceeded(f"the request did not finish within its deadline ({total:.1f} s): raise the "
+                                "client timeout or lower max_tokens")
+
     @staticmethod
     def _raise_for(status: int, body: str, what: str) -> None:
         msg = _error_message(body)
@@ -139,11 +143,14 @@ class VLLMBackend:
         body = dict(payload)
         body["stream"] = True
         body["stream_options"] = {"include_usage": True, "continuous_usage_stats": False}
-        total = min(timeout_s, self.request_timeout_s) if timeout_s else self.request_timeout_s
+        # a little beyond the caller's deadline, so the gRPC deadline (which cancels us) normally fires first
+        total = min(timeout_s + 1.0, self.request_timeout_s) if timeout_s else self.request_timeout_s
         self.stats.requests += 1
         try:
             resp = await self.session.post(f"{self.url}/v1/chat/completions", json=body,
                                            timeout=aiohttp.ClientTimeout(total=total, sock_connect=5))
+        except TimeoutError as exc:  # (before OSError: TimeoutError is one)
+            raise self._timed_out(total) from exc
         except (aiohttp.ClientConnectionError, OSError) as exc:
             self.stats.errors += 1
             self.stats.last_error = repr(exc)
@@ -180,6 +187,8 @@ class VLLMBackend:
                     yield StreamEvent(finish_reason=finish or "stop", prompt_tokens=int(usage.get("prompt_tokens") or 0),
                                       completion_tokens=int(usage.get("completion_tokens") or 0), final=True)
                     finish = ""
+        except TimeoutError as exc:
+            raise self._timed_out(total) from exc
         except (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError, OSError) as exc:
             self.stats.errors += 1
             self.stats.last_error = repr(exc)

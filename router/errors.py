@@ -39,6 +39,10 @@ class Unavailable(UserError):
     code = grpc.StatusCode.UNAVAILABLE
 
 
+class DeadlineExceeded(UserError):
+    code = grpc.StatusCode.DEADLINE_EXCEEDED
+
+
 class Unauthenticated(UserError):
     code = grpc.StatusCode.UNAUTHENTICATED
 
