@@ -228,8 +228,10 @@ def test_ensure_default_is_idempotent(trained, monkeypatch, tmp_path):
     shutil.copytree(root / "v1", home / "classifier" / "v1")
     artifact.set_current(home / "classifier", "v1")
     monkeypatch.setenv(router.paths.ENV_HOME, str(home))
-    assert classifier.ensure_default() == home / "classifier" / "v1"
-    assert classifier.ensure_default() == home / "classifier" / "v1"
+    first = classifier.ensure_default()
+    # an artifact built from the shipped seed with another recipe/seed version is rebuilt once, then kept
+    assert first == home / "classifier" / "v1" or classifier._stale_default(home / "classifier" / "v1")
+    assert classifier.ensure_default() == first
 
 
 HARD_CASES = [
