@@ -156,6 +156,8 @@ class VLLMBackend:
             self.stats.last_error = repr(exc)
             raise Unavailable(f"the vLLM backend at {self.url} is not reachable ({type(exc).__name__}); "
                               "it may be starting or restarting, retry shortly") from exc
+        completed = False
+        final: StreamEvent | None = None
         try:
             if resp.status >= 400:
                 text = await resp.text()
@@ -167,6 +169,7 @@ class VLLMBackend:
                     continue
                 data = line[5:].strip()
                 if data == b"[DONE]":
+                    await resp.content.read()  # the chunked terminator, so the connection can be reused
                     break
                 chunk = json.loads(data)
                 if "error" in chunk and "choices" not in chunk:
@@ -184,9 +187,11 @@ class VLLMBackend:
                     if content or reasoning:
                         yield StreamEvent(delta=content, reasoning_delta=reasoning)
                 if usage:
-                    yield StreamEvent(finish_reason=finish or "stop", prompt_tokens=int(usage.get("prompt_tokens") or 0),
-                                      completion_tokens=int(usage.get("completion_tokens") or 0), final=True)
+                    # held until the stream is fully read: the consumer stops at the final event
+                    final = StreamEvent(finish_reason=finish or "stop", prompt_tokens=int(usage.get("prompt_tokens") or 0),
+                                        completion_tokens=int(usage.get("completion_tokens") or 0), final=True)
                     finish = ""
+            completed = final is not None
         except TimeoutError as exc:
             raise self._timed_out(total) from exc
         except (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError, OSError) as exc:
@@ -194,7 +199,12 @@ class VLLMBackend:
             self.stats.last_error = repr(exc)
             raise Unavailable(f"the vLLM backend dropped the stream ({type(exc).__name__}); retry the request") from exc
         finally:
-            resp.close()  # on cancel/deadline this disconnects, and vLLM aborts the request
+            if completed:
+                resp.release()  # back to the keep-alive pool: the next request skips the TCP connect
+            else:
+                resp.close()  # on cancel/deadline/error this disconnects, and vLLM aborts the request
+        if final is not None:
+            yield final
 
 
 def now_ms() -> float:

@@ -165,7 +165,10 @@ def add_commands(sub) -> None:
     bsub = b.add_subparsers(dest="bench_cmd", required=True)
     p = bsub.add_parser("gateway", help="gateway vs direct vLLM on real ShareGPT prompts, interleaved")
     p.add_argument("--prompts", type=int, default=48, help="real first-turn prompts per (mode, concurrency)")
-    p.add_argument("--concurrency", default="1,8")
+    p.add_argument("--concurrency", default="1,8", help="comma-separated levels for the throughput blocks; '' skips them")
+    p.add_argument("--paired", type=int, default=0, metavar="ROUNDS",
+                   help="also measure added latency at concurrency 1 interleaved per request, ROUNDS passes "
+                        "over the prompts (median paired difference with a 95%% CI)")
     p.add_argument("--max-tokens", type=int, default=64)
     p.add_argument("--rounds", type=int, default=2, help="interleaved rounds (gateway, direct, gateway, direct, ...)")
     p.add_argument("--classifier", action="store_true", help="also measure with the classifier on")

@@ -116,6 +116,46 @@ def test_each_filter_counts_what_it_drops(tmp_path, store):
     assert report.steps[0].records_in == len(recs)
 
 
+def test_long_multi_turn_record_keeps_its_latest_turns(tmp_path):
+    """A conversation too long for max_seq_len loses its oldest exchanges (system prompt and last user turn
+    kept) instead of being dropped; a single turn that cannot fit is still dropped, and trim_history: false
+    restores the plain drop."""
+    from transformers import AutoTokenizer
+
+    from router import model
+    from training.format import token_counter
+
+    tok = AutoTokenizer.from_pretrained(str(model.prepare()))
+    history = [{"role": "system", "content": "You are a terse calculator."}]
+    for i in range(12):
+        history += [{"role": "user", "content": f"Compute {i} + {i}, and explain the steps at some length please, "
+                                                f"with the reasoning written out for a student."},
+                    {"role": "assistant", "content": f"{i} + {i} = {2 * i}. " + "Adding a number to itself doubles it. " * 4}]
+    multi = rec("multi", "", "SUM: 20 + 20 = 40. DONE.", dt=1)
+    multi.messages = history + [{"role": "user", "content": "Now compute 20 + 20."}]
+    single = rec("single", "Add these: " + " + ".join(str(i) for i in range(400)), "A big number.", dt=2)
+    recs = math_records(6) + [multi, single]
+    count = token_counter(tok)
+    assert count(multi.messages, multi.response_text)[1] > 256  # it does not fit as logged
+
+    cfg = cfg_for(tmp_path, pii="off", max_seq_len=256, min_eval_records=1)
+    train, held, report = D.filter_records(recs, {}, cfg, token_count=count)
+    kept = {e.request_id: e for e in train + held}
+    assert "multi" in kept and "single" not in kept and report.history_trimmed == 1
+    m = kept["multi"]
+    assert m.prompt[0]["role"] == "system" and m.prompt[1]["role"] == "user"
+    assert m.prompt[-1]["content"] == "Now compute 20 + 20."
+    assert 3 <= len(m.prompt) < len(multi.messages)  # some, not all, earlier turns kept: the newest ones
+    assert m.prompt[-3:-1] == multi.messages[-3:-1]
+    p_tokens, total = count(m.prompt, m.completion)
+    assert total <= 256 and p_tokens <= cfg.effective_max_prompt_tokens()
+    assert report.dropped_by().get("too_long") == 1 and report.to_dict()["history_trimmed"] == 1
+
+    cfg_off = cfg_for(tmp_path, pii="off", max_seq_len=256, min_eval_records=1, trim_history=False)
+    train, held, report = D.filter_records(recs, {}, cfg_off, token_count=count)
+    assert {e.request_id for e in train + held} == {f"m{i}" for i in range(6)} and report.dropped_by()["too_long"] == 2
+
+
 def test_too_few_records_says_which_filter(tmp_path):
     cfg = cfg_for(tmp_path, min_records=5, pii="off")
     recs = math_records(3) + [rec("x", "Compute 1 + 1", "I'm sorry, but I can't do that.")]

@@ -3,7 +3,8 @@
 Every step counts records in and out and says why it dropped them (`DataReport`), so a run report shows
 exactly which filter removed what. Order: select (task, window, source) -> failed/cancelled/truncated ->
 classifier confidence -> feedback (negative dropped, corrections replace the answer) -> empty -> refusal ->
-PII scrubbing -> exact duplicates -> near duplicates (MinHash) -> length in base-model tokens -> split.
+PII scrubbing -> exact duplicates -> near duplicates (MinHash) -> length in base-model tokens (a too-long
+multi-turn record first loses its oldest turns, see `trim_history`) -> split.
 """
 from __future__ import annotations
 
@@ -63,6 +64,7 @@ class DataReport:
     steps: list = field(default_factory=list)  # [StepCount]
     corrected: int = 0  # answers replaced by a feedback correction
     pii_scrubbed: int = 0  # records whose text the PII policy changed
+    history_trimmed: int = 0  # multi-turn records kept with their oldest turns cut to fit max_seq_len
     train: int = 0
     eval: int = 0
 
@@ -76,6 +78,7 @@ class DataReport:
     def to_dict(self) -> dict:
         return {"task": self.task, "records_in": self.records_in, "kept": self.kept, "train": self.train,
                 "eval": self.eval, "corrected": self.corrected, "pii_scrubbed": self.pii_scrubbed,
+                "history_trimmed": self.history_trimmed,
                 "dropped_by": self.dropped_by(), "steps": [s.__dict__ for s in self.steps]}
 
     def summary(self) -> str:
@@ -209,18 +212,26 @@ def filter_records(records: Iterable[LogRecord], feedback: dict[str, list[Feedba
 
     if token_count is not None:
         max_prompt = cfg.effective_max_prompt_tokens()
-        kept, short = [], 0
-        long_ = []
+        kept, short, long_, trimmed = [], 0, [], 0
         for e in ex:
             p, total = token_count(e.prompt, e.completion)
+            if (p > max_prompt or total > cfg.max_seq_len) and getattr(cfg, "trim_history", True):
+                fitted = trim_history(e.prompt, e.completion, token_count, max_prompt, cfg.max_seq_len)
+                if fitted is not None:
+                    e.prompt, (p, total) = fitted
+                    trimmed += 1
             if p > max_prompt or total > cfg.max_seq_len:
                 long_.append(e)
             elif total - p < cfg.min_completion_tokens:
                 short += 1
             else:
                 kept.append(e)
+        report.history_trimmed = trimmed
         report.steps.append(StepCount("too_long", len(ex), len(ex) - len(long_), len(long_),
-                                      f"prompt > {max_prompt} or prompt+answer > {cfg.max_seq_len} tokens"))
+                                      f"prompt > {max_prompt} or prompt+answer > {cfg.max_seq_len} tokens"
+                                      + (f" even with only the last user turn ({trimmed} multi-turn records "
+                                         "kept with their oldest turns trimmed)" if getattr(cfg, "trim_history", True)
+                                         else "")))
         report.steps.append(StepCount("too_short", len(ex) - len(long_), len(kept), short,
                                       f"answer < {cfg.min_completion_tokens} tokens"))
         ex = kept
@@ -234,6 +245,30 @@ def filter_records(records: Iterable[LogRecord], feedback: dict[str, list[Feedba
         held.append(train.pop(0))
     report.train, report.eval = len(train), len(held)
     return train, held, report
+
+
+def trim_history(prompt: list, completion: str, token_count, max_prompt: int,
+                 max_seq_len: int) -> tuple[list, tuple[int, int]] | None:
+    """The longest suffix of a multi-turn prompt that fits, or None when even the last user turn does not.
+
+    Keeps every leading system message and the final user turn, then adds earlier turns newest first while
+    prompt <= max_prompt and prompt + answer <= max_seq_len; the kept history always starts at a user turn
+    (a conversation that opens with an assistant turn confuses most chat templates).
+    """
+    system = [m for m in prompt[:1] if m.get("role") == "system"]
+    rest = prompt[len(system):]
+    if not rest or rest[-1].get("role") != "user":
+        return None
+    best = None
+    for start in range(len(rest) - 1, -1, -1):  # newest first: [last user], [.., last user], ...
+        if rest[start].get("role") != "user":
+            continue
+        cand = system + rest[start:]
+        p, total = token_count(cand, completion)
+        if p > max_prompt or total > max_seq_len:
+            break
+        best = (cand, (p, total))
+    return best
 
 
 def _prompt_messages(r: LogRecord) -> list:
