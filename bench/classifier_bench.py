@@ -2,7 +2,8 @@
 
 Run: .venv/bin/python bench/classifier_bench.py [--out /tmp/bench-classifier.json]
 
-- 5-fold stratified cross-validation on the seed set for every candidate (model kind x embedding window):
+- 5-fold stratified cross-validation on the seed set for every candidate (model kind x embedding window x
+  encoder precision, `kind@max_tokens[:int8]`):
   this, and only this, is what model selection uses,
 - trains every candidate on the whole seed set (the `classifier train` recipe) into a temp dir and scores it
   once on classifier/data/heldout_real.jsonl (accuracy, macro-F1, misroute and fallback rates at each
@@ -30,15 +31,28 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
-CANDIDATES = ("combined@128", "combined@256", "embed@128", "embed@256", "tfidf")
+CANDIDATES = ("combined@128:int8", "combined@128", "embed@128:int8", "tfidf")
 
 
-def _split(cand: str) -> tuple[str, int]:
-    kind, _, mt = cand.partition("@")
-    return kind, int(mt or 128)
+def _split(cand: str) -> tuple[str, int, str]:
+    """kind@max_tokens[:quant] -> (kind, max_tokens, quant); quant: none (float32, default) | int8."""
+    head, _, quant = cand.partition(":")
+    kind, _, mt = head.partition("@")
+    return kind, int(mt or 128), quant or "none"
 
 
-def cross_validation(cands, embedder, folds: int = 5, seed: int = 0) -> dict:
+_EMBEDDERS: dict = {}
+
+
+def emb_for(quant: str):
+    from classifier.embed import Embedder
+
+    if quant not in _EMBEDDERS:
+        _EMBEDDERS[quant] = Embedder(quant=quant)
+    return _EMBEDDERS[quant]
+
+
+def cross_validation(cands, folds: int = 5, seed: int = 0) -> dict:
     """Out-of-fold accuracy / macro-F1 / log-loss on the seed set (also on its real ShareGPT rows only)."""
     import json as _json
 
@@ -57,8 +71,8 @@ def cross_validation(cands, embedder, folds: int = 5, seed: int = 0) -> dict:
     out = {}
     with tempfile.TemporaryDirectory() as d:
         for cand in cands:
-            kind, mt = _split(cand)
-            emb = _cached_embeddings(Path(d), ex, embedder, mt) if kind != "tfidf" else None
+            kind, mt, qu = _split(cand)
+            emb = _cached_embeddings(Path(d), ex, emb_for(qu), mt, qu) if kind != "tfidf" else None
             X = {"tfidf": list(ex.texts), "embed": emb}.get(kind) if kind != "combined" else TextsAndEmbeddings(list(ex.texts), emb)
             P = np.zeros((len(y), len(ex.tasks)))
             classes = None
@@ -76,20 +90,20 @@ def cross_validation(cands, embedder, folds: int = 5, seed: int = 0) -> dict:
     return out
 
 
-def quality(tmp: Path, embedder, cands) -> dict:
+def quality(tmp: Path, cands) -> dict:
     import classifier
     from classifier.metrics import evaluate
     from classifier.train import TrainConfig, predict_file, train
 
     out = {}
     for cand in cands:
-        kind, mt = _split(cand)
+        kind, mt, qu = _split(cand)
         t0 = time.monotonic()
-        train(TrainConfig(data=classifier.seed_path(), out=tmp / cand, model=kind, max_tokens=mt),
-              embedder=embedder, log=lambda *a: None)
+        train(TrainConfig(data=classifier.seed_path(), out=tmp / cand, model=kind, max_tokens=mt, quant=qu),
+              embedder=emb_for(qu), log=lambda *a: None)
         train_s = time.monotonic() - t0
         clf = classifier.load(tmp / cand)
-        clf._embedder = embedder
+        clf._embedder = emb_for(qu)
         ex, pred, conf = predict_file(clf, classifier.heldout_path())
         m = evaluate(ex.labels, pred, conf, clf.tasks, clf.threshold)
         r = m["routing"]
@@ -144,7 +158,7 @@ def main() -> int:
     ap.add_argument("--out", type=Path, default=None, help="also write the figures as JSON here")
     ap.add_argument("--reps", type=int, default=200, help="single-prompt calls per size")
     ap.add_argument("--candidates", default=",".join(CANDIDATES), help="kind@max_tokens, comma-separated")
-    ap.add_argument("--latency", default="combined@128,embed@256",
+    ap.add_argument("--latency", default="combined@128:int8,combined@128",
                     help="candidates to time (comma-separated; empty: none)")
     ap.add_argument("--threads", default="1,2", help="torch thread counts for the latency runs")
     args = ap.parse_args()
@@ -154,21 +168,19 @@ def main() -> int:
     import torch
 
     import classifier
-    from classifier.embed import Embedder
     from router.sharegpt import first_turn_prompts
 
     torch.set_num_threads(2)
-    embedder = Embedder()
-    cv = cross_validation(cands, embedder)
+    cv = cross_validation(cands)
     with tempfile.TemporaryDirectory() as d:
-        q = quality(Path(d), embedder, sorted(set(cands) | set(timed)))
+        q = quality(Path(d), sorted(set(cands) | set(timed)))
         base = first_turn_prompts(400, min_chars=200)
         real = first_turn_prompts(512)
         lat, tput = {}, {}
         for cand in timed:
             clf = classifier.load(Path(d) / cand)
-            clf._embedder = embedder
-            lat[cand] = {th: latency(clf, embedder.tokenizer, base, th, reps=args.reps) for th in threads}
+            clf._embedder = emb_for(_split(cand)[2])
+            lat[cand] = {th: latency(clf, clf._embedder.tokenizer, base, th, reps=args.reps) for th in threads}
             tput[cand] = {th: round(throughput(clf, real, th), 1) for th in threads}
             print(f"latency {cand}: {lat[cand]}", file=sys.stderr, flush=True)
     result = {"cross_validation_on_seed": cv, "heldout": q, "latency_ms": lat, "throughput_prompts_per_s": tput,

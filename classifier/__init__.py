@@ -78,10 +78,11 @@ def ensure_default() -> Path:
                 return found
         except FailedPrecondition:
             pass
-        return train(TrainConfig(data=seed_path(), out=root, model=DEFAULT_KIND)).path
+        return train(TrainConfig(data=seed_path(), out=root, model=DEFAULT_KIND, quant=DEFAULT_QUANT)).path
 
 
 DEFAULT_KIND = "combined"
+DEFAULT_QUANT = "int8"
 
 
 def _stale_default(version_dir: Path) -> bool:
@@ -96,6 +97,6 @@ def _stale_default(version_dir: Path) -> bool:
         if Path(str(data.get("path", ""))).name != seed_path().name:
             return False
         return (data.get("sha256") != hashlib.sha256(seed_path().read_bytes()).hexdigest()
-                or meta.get("kind") != DEFAULT_KIND)
+                or meta.get("kind") != DEFAULT_KIND or (meta.get("embedding_quant") or "none") != DEFAULT_QUANT)
     except (OSError, ValueError):
         return False

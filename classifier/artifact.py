@@ -150,6 +150,8 @@ class Classifier:
         self.kind: str = metadata["kind"]  # "combined" | "embed" | "tfidf"
         # embedding window the model was trained with (artifacts older than the field used 256)
         self.max_tokens: int = int(metadata.get("max_tokens") or 256)
+        # encoder precision the model was trained with (artifacts older than the field: float32)
+        self.quant: str = str(metadata.get("embedding_quant") or "none")
         self._embedder = embedder
         self._embedder_lock = threading.Lock()
         classes = list(getattr(model, "classes_", []))
@@ -162,9 +164,9 @@ class Classifier:
         if self._embedder is None:
             with self._embedder_lock:
                 if self._embedder is None:
-                    from classifier.embed import Embedder
+                    from classifier.embed import shared
 
-                    self._embedder = Embedder()
+                    self._embedder = shared(self.quant)
         return self._embedder
 
     def features(self, texts: list[str]) -> tuple[object, list[bool]]:

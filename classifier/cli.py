@@ -24,6 +24,8 @@ def add_commands(subparsers) -> None:
                         "(default); embed: embeddings only; tfidf: TF-IDF only; auto: the best on the validation split")
     t.add_argument("--max-tokens", type=int, default=128,
                    help="embed only the first N wordpieces of each prompt (8..256; default 128)")
+    t.add_argument("--quant", choices=("int8", "none"), default="int8",
+                   help="encoder precision: int8 dynamic quantization (default, ~3x faster on CPU) or none (float32)")
     t.add_argument("--threshold", type=float, default=None, help="fixed abstain threshold in [0,1]; default: chosen on the validation split")
     t.add_argument("--max-misroute", type=float, default=0.02, help="threshold choice: accepted validation misroute rate")
     t.add_argument("--version", default="", help="version folder name; default: UTC timestamp")
@@ -52,7 +54,7 @@ def main_train(args) -> int:
     _threads()
     cfg = TrainConfig(data=args.data or classifier.seed_path(), out=args.out or classifier_dir(), model=args.model,
                       threshold=args.threshold, max_misroute=args.max_misroute, version=args.version,
-                      max_tokens=args.max_tokens)
+                      max_tokens=args.max_tokens, quant=args.quant)
     res = train(cfg, log=(lambda *a: print(*a, file=sys.stderr)) if args.json else print)
     if args.json:
         print(json.dumps(res.metadata, indent=2))

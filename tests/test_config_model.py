@@ -43,6 +43,33 @@ def test_model_prepare_is_idempotent_and_verified(model_dir):
     m = verify(model_dir)
     assert m["fingerprint"].startswith("sha256:") and fingerprint(model_dir) == m["fingerprint"]
     assert (model_dir / "chat_template.jinja").is_file() or "chat_template" in (model_dir / "tokenizer_config.json").read_text()
+    # the turn ends where the model says it does: EOS/PAD = <|im_end|> (the GGUF metadata says <|im_start|>)
+    import json
+
+    from router.model import RECIPE
+
+    assert m["recipe"] == RECIPE
+    tok_cfg = json.loads((model_dir / "tokenizer_config.json").read_text())
+    gen = json.loads((model_dir / "generation_config.json").read_text())
+    assert tok_cfg["eos_token"] == "<|im_end|>" and gen["eos_token_id"] == 2
+    assert tok_cfg.get("pad_token") == "<|im_end|>"
+
+
+def test_model_folder_of_an_older_recipe_is_rebuilt(model_dir, tmp_path):
+    """A folder made by an older conversion is rebuilt in place; its weights fingerprint does not change."""
+    import json
+
+    from router.model import MANIFEST, RECIPE
+
+    old = tmp_path / "model"
+    shutil.copytree(model_dir, old)
+    man = json.loads((old / MANIFEST).read_text())
+    man["recipe"] = RECIPE - 1
+    (old / MANIFEST).write_text(json.dumps(man))
+    msgs = []
+    assert prepare(old, progress=msgs.append) == old
+    assert any("older conversion" in m for m in msgs)
+    assert verify(old)["recipe"] == RECIPE and fingerprint(old) == fingerprint(model_dir)
 
 
 def test_corrupt_or_partial_model_folder_is_refused(model_dir, tmp_path, capsys):

@@ -81,9 +81,12 @@ def _sft_config(job: TrainJob, on_cuda: bool):
         save_total_limit=cfg.save_total_limit,
         eval_strategy="steps" if job.eval_rows else "no",
         eval_steps=cfg.eval_steps,
+        eval_on_start=bool(job.eval_rows) and cfg.eval_on_start and job.resume_from is None,
         max_length=cfg.max_seq_len,
         completion_only_loss=True,
         packing=False,
+        # similar lengths per batch (LengthGroupedSampler: random megabatches, sorted inside): less padding
+        train_sampling_strategy="group_by_length" if cfg.group_by_length else "random",
         bf16=bool(on_cuda),
         fp16=False,
         gradient_checkpointing=False,

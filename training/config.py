@@ -22,8 +22,8 @@ DEFAULT_TASKS = ("code", "math", "writing", "translation", "summarization", "ext
 # Step budgets and shapes per profile. `quick` fits in <= 20 min wall on a 2-core CPU including data prep
 # and evaluation (measured: see docs/bench-training.md); `standard` and `full` are meant for a GPU.
 PROFILES: dict[str, dict[str, Any]] = {
-    "quick": {"max_steps": 60, "batch_size": 4, "grad_accum": 1, "max_seq_len": 384, "save_steps": 20,
-              "eval_steps": 20, "eval_max_records": 32, "forgetting_max_records": 8},
+    "quick": {"max_steps": 72, "batch_size": 4, "grad_accum": 1, "max_seq_len": 512, "learning_rate": 5e-4,
+              "save_steps": 24, "eval_steps": 24, "eval_max_records": 32, "forgetting_max_records": 8},
     "standard": {"max_steps": 600, "batch_size": 8, "grad_accum": 2, "max_seq_len": 1024, "save_steps": 100,
                  "eval_steps": 100, "eval_max_records": 256, "forgetting_max_records": 64},
     "full": {"max_steps": 3000, "batch_size": 16, "grad_accum": 2, "max_seq_len": 2048, "save_steps": 250,
@@ -85,8 +85,10 @@ class TrainConfig:
     grad_accum: int = _f(1, "Gradient accumulation steps (effective batch = batch_size * grad_accum).")
     max_seq_len: int = _f(384, "Longest training sequence in tokens (prompt + answer); longer records are trimmed (trim_history) or dropped.")
     weight_decay: float = _f(0.0, "AdamW weight decay.")
+    group_by_length: bool = _f(True, "Batch sequences of similar length together (random groups, less padding: faster steps).")
     save_steps: int = _f(20, "Save a checkpoint every N steps (resume continues from the last one).")
     eval_steps: int = _f(20, "Evaluate the held-out loss every N steps (overfitting watch).")
+    eval_on_start: bool = _f(True, "Also evaluate at step 0 (the base model's held-out loss: the reference line of the loss plot).")
     logging_steps: int = _f(1, "Log the train loss every N steps.")
     save_total_limit: int = _f(2, "Checkpoints kept in the run dir.")
     target_loss: float = _f(0.0, "Stop early once the train loss (running mean of 5) is <= this; 0: off.")

@@ -70,6 +70,9 @@ class LossMonitor(TrainerCallback):
             else:
                 self._rising = 0
             self.eval.append((step, val))
+            ref = self.eval[0][1] if self.eval[0][0] == 0 else None
+            self.echo(f"[train] step {step}: held-out loss {val:.4f}"
+                      + (f" ({val / ref:.3f}x of step 0, the base model)" if ref and step else ""))
 
 
 def plot_losses(path: Path, train: list, evals: list, title: str) -> Path:
