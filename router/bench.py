@@ -46,86 +46,16 @@ def pct(xs: list[float], q: float) -> float:
     return s[k]
 
 
-async def run_direct(url: str, model: str, prompts: list[str], conc: int, max_tokens: int) -> RunStats:
-    import aiohttp
-
-    st = RunStats("direct", conc)
-    sem = asyncio.Semaphore(conc)
-    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=conc * 2)) as s:
-        async def one(p: str) -> None:
-            async with sem:
-                t0 = time.perf_counter()
-                ttft = None
-                body = {"model": model, "messages": [{"role": "user", "content": p}], "max_tokens": max_tokens,
-                        "temperature": 0, "stream": True, "stream_options": {"include_usage": True}}
-                try:
-                    async with s.post(f"{url}/v1/chat/completions", json=body) as r:
-                        async for raw in r.content:
-                            line = raw.strip()
-                            if not line.startswith(b"data:") or line[5:].strip() == b"[DONE]":
-                                continue
-                            chunk = json.loads(line[5:])
-                            ch = chunk.get("choices") or []
-                            if ch and (ch[0].get("delta") or {}).get("content") and ttft is None:
-                                ttft = time.perf_counter() - t0
-                            if chunk.get("usage"):
-                                st.tokens += int(chunk["usage"]["completion_tokens"])
-                except Exception:
-                    st.errors += 1
-                    return
-                st.ttft_ms.append(1000 * (ttft if ttft is not None else time.perf_counter() - t0))
-                st.e2e_ms.append(1000 * (time.perf_counter() - t0))
-        t0 = time.perf_counter()
-        await asyncio.gather(*(one(p) for p in prompts))
-        st.wall_s = time.perf_counter() - t0
-    return st
-
-
-async def run_gateway(target: str, mode: str, prompts: list[str], conc: int, max_tokens: int) -> RunStats:
-    import grpc
-
-    from router.v1 import router_pb2 as pb
-    from router.v1 import router_pb2_grpc as pbg
-
-    st = RunStats(mode, conc)
-    sem = asyncio.Semaphore(conc)
-    async with grpc.aio.insecure_channel(target) as ch:
-        stub = pbg.RouterServiceStub(ch)
-
-        async def one(p: str) -> None:
-            async with sem:
-                t0 = time.perf_counter()
-                ttft = None
-                req = pb.GenerateStreamRequest(messages=[pb.ChatMessage(role="user", content=p)],
-                                               sampling=pb.SamplingParams(max_tokens=max_tokens, temperature=0),
-                                               adapter="base" if mode == "gateway" else "")
-                try:
-                    async for m in stub.GenerateStream(req, timeout=600):
-                        if m.delta and ttft is None:
-                            ttft = time.perf_counter() - t0
-                        if m.finished:
-                            st.tokens += m.usage.completion_tokens
-                except grpc.aio.AioRpcError:
-                    st.errors += 1
-                    return
-                st.ttft_ms.append(1000 * (ttft if ttft is not None else time.perf_counter() - t0))
-                st.e2e_ms.append(1000 * (time.perf_counter() - t0))
-        t0 = time.perf_counter()
-        await asyncio.gather(*(one(p) for p in prompts))
-        st.wall_s = time.perf_counter() - t0
-    return st
-
-
 class _Direct:
     """One persistent HTTP session to vLLM; `once(prompt)` -> (ttft_ms, e2e_ms, tokens)."""
 
-    def __init__(self, url: str, model: str, max_tokens: int):
-        self.url, self.model, self.max_tokens = url, model, max_tokens
+    def __init__(self, url: str, model: str, max_tokens: int, limit: int = 4):
+        self.url, self.model, self.max_tokens, self.limit = url, model, max_tokens, limit
 
     async def __aenter__(self):
         import aiohttp
 
-        self.s = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=4))
+        self.s = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=self.limit))
         return self
 
     async def __aexit__(self, *exc):
@@ -183,6 +113,39 @@ class _Gateway:
         e2e = time.perf_counter() - t0
         return 1000 * (ttft if ttft is not None else e2e), 1000 * e2e, tokens
 
+
+
+
+async def _run_block(client, mode: str, prompts: list[str], conc: int) -> RunStats:
+    """All prompts through one client at `conc` concurrent requests."""
+    st = RunStats(mode, conc)
+    sem = asyncio.Semaphore(conc)
+
+    async def one(p: str) -> None:
+        async with sem:
+            try:
+                ttft, e2e, tokens = await client.once(p)
+            except Exception:
+                st.errors += 1
+                return
+            st.ttft_ms.append(ttft)
+            st.e2e_ms.append(e2e)
+            st.tokens += tokens
+
+    t0 = time.perf_counter()
+    await asyncio.gather(*(one(p) for p in prompts))
+    st.wall_s = time.perf_counter() - t0
+    return st
+
+
+async def run_direct(url: str, model: str, prompts: list[str], conc: int, max_tokens: int) -> RunStats:
+    async with _Direct(url, model, max_tokens, limit=conc * 2) as client:
+        return await _run_block(client, "direct", prompts, conc)
+
+
+async def run_gateway(target: str, mode: str, prompts: list[str], conc: int, max_tokens: int) -> RunStats:
+    async with _Gateway(target, mode, max_tokens) as client:
+        return await _run_block(client, mode, prompts, conc)
 
 def _median_ci(xs: list[float], iters: int = 2000, seed: int = 0) -> tuple[float, float, float]:
     """Median and its 95 % bootstrap interval."""

@@ -184,7 +184,8 @@ def test_concurrent_register_from_processes_serializes(registry, adapters_dir, b
         from pathlib import Path
         from adapters.registry import Registry
         reg = Registry({str(registry.root)!r})
-        while not Path({str(go)!r}).exists():
+        deadline = time.monotonic() + 60  # start barrier: the parent creates `go` once all children run
+        while not Path({str(go)!r}).exists() and time.monotonic() < deadline:
             time.sleep(0.005)
         v = reg.register("code", {str(adapters_dir["good"])!r}, base_model_id="b", base_fingerprint={fp!r})
         reg.set_alias("code", "candidate", v.version)

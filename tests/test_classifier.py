@@ -73,7 +73,7 @@ def test_predict_shapes_and_scores(clf):
     assert clf.predict([]) == []
 
 
-@pytest.mark.parametrize("text,task", [
+HARD_CASES = [
     ("Write a blog post for our company site about why we moved from REST to gRPC.", "writing"),
     ("Write a Python function that parses ISO dates and returns a datetime.", "code"),
     ("Translate the comments in this code to English: # 计算总和\ntotal = sum(xs)", "translation"),
@@ -82,7 +82,10 @@ def test_predict_shapes_and_scores(clf):
     ("I will send you my document in parts. Only reply 'acknowledged' after each part.", "general"),
     ("Extract the name and email as JSON: Contact Jane Roe at jane.roe@example.com.", "extraction"),
     ("What is the probability of drawing two aces from a deck without replacement?", "math"),
-])
+]
+
+
+@pytest.mark.parametrize("text,task", HARD_CASES)
 def test_hard_cases(combined, text, task):
     """The default kind (combined) gets every hard case of the task definitions right."""
     assert combined[1].predict([text])[0][0] == task
@@ -233,18 +236,6 @@ def test_ensure_default_is_idempotent(trained, monkeypatch, tmp_path):
     # an artifact built from the shipped seed with another recipe/seed version is rebuilt once, then kept
     assert first == home / "classifier" / "v1" or classifier._stale_default(home / "classifier" / "v1")
     assert classifier.ensure_default() == first
-
-
-HARD_CASES = [
-    ("Write a blog post for our company site about why we moved from REST to gRPC.", "writing"),
-    ("Write a Python function that parses ISO dates and returns a datetime.", "code"),
-    ("Translate the comments in this code to English: # 计算总和\ntotal = sum(xs)", "translation"),
-    ("Summarize this: The council voted 5-4 to approve a six-month bike lane pilot on Main Street after a long debate.", "summarization"),
-    ("Rewrite this paragraph to sound more professional: hey the report is late again sorry", "writing"),
-    ("I will send you my document in parts. Only reply 'acknowledged' after each part.", "general"),
-    ("Extract the name and email as JSON: Contact Jane Roe at jane.roe@example.com.", "extraction"),
-    ("What is the probability of drawing two aces from a deck without replacement?", "math"),
-]
 
 
 @pytest.fixture(scope="module")

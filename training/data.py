@@ -215,7 +215,7 @@ def filter_records(records: Iterable[LogRecord], feedback: dict[str, list[Feedba
         kept, short, long_, trimmed = [], 0, [], 0
         for e in ex:
             p, total = token_count(e.prompt, e.completion)
-            if (p > max_prompt or total > cfg.max_seq_len) and getattr(cfg, "trim_history", True):
+            if (p > max_prompt or total > cfg.max_seq_len) and cfg.trim_history:
                 fitted = trim_history(e.prompt, e.completion, token_count, max_prompt, cfg.max_seq_len)
                 if fitted is not None:
                     e.prompt, (p, total) = fitted
@@ -230,7 +230,7 @@ def filter_records(records: Iterable[LogRecord], feedback: dict[str, list[Feedba
         report.steps.append(StepCount("too_long", len(ex), len(ex) - len(long_), len(long_),
                                       f"prompt > {max_prompt} or prompt+answer > {cfg.max_seq_len} tokens"
                                       + (f" even with only the last user turn ({trimmed} multi-turn records "
-                                         "kept with their oldest turns trimmed)" if getattr(cfg, "trim_history", True)
+                                         "kept with their oldest turns trimmed)" if cfg.trim_history
                                          else "")))
         report.steps.append(StepCount("too_short", len(ex) - len(long_), len(kept), short,
                                       f"answer < {cfg.min_completion_tokens} tokens"))
