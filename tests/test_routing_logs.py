@@ -79,7 +79,10 @@ def test_every_exchange_is_logged_with_route_and_feedback(routed_gateway):
         with pytest.raises(RouterError):
             c.generate(CODE_PROMPT, adapter="missing@1", client_id="tenant-a")
         with pytest.raises(RouterError):
-            c.generate(CODE_PROMPT, max_tokens=1500, temperature=1.0, timeout=3.0, client_id="tenant-a")
+            # greedy, so deterministic: a counting prompt runs far past the 3 s deadline (a sampled answer
+            # could stop early and not time out)
+            c.generate("Count from 1 to 500, writing every number in words on its own line.", max_tokens=1500,
+                       temperature=0, timeout=3.0, client_id="tenant-a")
         store = open_store(gw.db)
         rec = store.get(ok.request_id)
         assert rec is not None and rec.response_text == ok.text and rec.task == "code"
