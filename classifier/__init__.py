@@ -37,7 +37,7 @@ DEFAULT_TASKS = ["code", "math", "writing", "translation", "summarization", "ext
 GENERAL = "general"
 
 __all__ = ["Classifier", "Prediction", "load", "ensure_default", "DEFAULT_TASKS", "GENERAL", "seed_path",
-           "heldout_path"]
+           "heldout_path", "shipped_encoder_path"]
 
 
 def seed_path() -> Path:
@@ -48,6 +48,11 @@ def seed_path() -> Path:
 def heldout_path() -> Path:
     """Held-out real ShareGPT first turns, labeled by hand; accuracy is reported on these."""
     return Path(__file__).parent / "data" / "heldout_real.jsonl"
+
+
+def shipped_encoder_path() -> Path:
+    """The MiniLM encoder fine-tuned (LoRA) on the seed set's training split (`classifier.finetune`)."""
+    return Path(__file__).parent / "data" / "seed.encoder_lora.safetensors"
 
 
 def ensure_default() -> Path:
@@ -78,7 +83,8 @@ def ensure_default() -> Path:
                 return found
         except FailedPrecondition:
             pass
-        return train(TrainConfig(data=seed_path(), out=root, model=DEFAULT_KIND, quant=DEFAULT_QUANT)).path
+        return train(TrainConfig(data=seed_path(), out=root, model=DEFAULT_KIND, quant=DEFAULT_QUANT,
+                                 encoder_lora=shipped_encoder_path())).path
 
 
 DEFAULT_KIND = "combined"
@@ -96,7 +102,9 @@ def _stale_default(version_dir: Path) -> bool:
         data = meta.get("data") or {}
         if Path(str(data.get("path", ""))).name != seed_path().name:
             return False
+        encoder = meta.get("encoder") or {}
         return (data.get("sha256") != hashlib.sha256(seed_path().read_bytes()).hexdigest()
-                or meta.get("kind") != DEFAULT_KIND or (meta.get("embedding_quant") or "none") != DEFAULT_QUANT)
+                or meta.get("kind") != DEFAULT_KIND or (meta.get("embedding_quant") or "none") != DEFAULT_QUANT
+                or encoder.get("sha256") != hashlib.sha256(shipped_encoder_path().read_bytes()).hexdigest())
     except (OSError, ValueError):
         return False

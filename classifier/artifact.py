@@ -71,8 +71,14 @@ def build_lock(root: Path):
             fcntl.flock(fh, fcntl.LOCK_UN)
 
 
-def write_version(root: Path, version: str, model: object, metadata: dict) -> Path:
-    """Write `<root>/<version>/` completely in a temp folder, rename it into place, then point `current` at it."""
+def write_version(root: Path, version: str, model: object, metadata: dict,
+                  extra_files: dict[str, Path] | None = None) -> Path:
+    """Write `<root>/<version>/` completely in a temp folder, rename it into place, then point `current` at it.
+
+    `extra_files` ({name in the folder: source path}) are copied in and fingerprinted like the model.
+    """
+    import shutil
+
     import joblib
 
     from classifier.dataset import sha256_file
@@ -88,6 +94,9 @@ def write_version(root: Path, version: str, model: object, metadata: dict) -> Pa
     meta["format_version"] = FORMAT_VERSION
     meta["version"] = version
     meta["files"] = {MODEL_FILE: sha256_file(tmp / MODEL_FILE)}
+    for name, src in (extra_files or {}).items():
+        shutil.copyfile(src, tmp / name)
+        meta["files"][name] = sha256_file(tmp / name)
     (tmp / METADATA_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n", encoding="utf-8")
     os.replace(tmp, final)
     set_current(root, version)
@@ -128,6 +137,10 @@ def load(path: str | Path | None = None) -> "Classifier":
         if sha256_file(f) != digest:
             raise FailedPrecondition(f"classifier file {f} does not match its sha256 in {vpath / METADATA_FILE} "
                                      f"(corrupt or edited): {FIX}")
+    enc = meta.get("encoder") or {}
+    if enc.get("finetuned") and enc.get("file") not in meta["files"]:
+        raise FailedPrecondition(f"{vpath / METADATA_FILE} names a fine-tuned encoder {enc.get('file')!r} that is not "
+                                 f"among its files: {FIX}")
     import joblib
 
     try:
@@ -152,6 +165,9 @@ class Classifier:
         self.max_tokens: int = int(metadata.get("max_tokens") or 256)
         # encoder precision the model was trained with (artifacts older than the field: float32)
         self.quant: str = str(metadata.get("embedding_quant") or "none")
+        # a fine-tuned encoder's LoRA factors, in the version folder (None: the stock encoder)
+        enc = metadata.get("encoder") or {}
+        self.lora: Path | None = (Path(path) / enc["file"]) if enc.get("finetuned") and path is not None else None
         self._embedder = embedder
         self._embedder_lock = threading.Lock()
         classes = list(getattr(model, "classes_", []))
@@ -166,7 +182,7 @@ class Classifier:
                 if self._embedder is None:
                     from classifier.embed import shared
 
-                    self._embedder = shared(self.quant)
+                    self._embedder = shared(self.quant, self.lora)
         return self._embedder
 
     def features(self, texts: list[str]) -> tuple[object, list[bool]]:

@@ -26,6 +26,13 @@ def add_commands(subparsers) -> None:
                    help="embed only the first N wordpieces of each prompt (8..256; default 128)")
     t.add_argument("--quant", choices=("int8", "none"), default="int8",
                    help="encoder precision: int8 dynamic quantization (default, ~3x faster on CPU) or none (float32)")
+    t.add_argument("--encoder", choices=("finetune", "base"), default=None,
+                   help="finetune: fine-tune the MiniLM encoder (LoRA) on the training split first (best accuracy; "
+                        "~2 min per 1,000 examples on 2 CPU cores); base: the stock encoder (fast). Default: finetune, "
+                        "except on the seed set, which reuses the shipped fine-tuned encoder")
+    t.add_argument("--encoder-lora", type=Path, default=None,
+                   help="reuse a fine-tuned encoder (an encoder_lora.safetensors from an artifact) instead")
+    t.add_argument("--finetune-epochs", type=int, default=4, help="encoder fine-tuning epochs (default 4)")
     t.add_argument("--threshold", type=float, default=None, help="fixed abstain threshold in [0,1]; default: chosen on the validation split")
     t.add_argument("--max-misroute", type=float, default=0.02, help="threshold choice: accepted validation misroute rate")
     t.add_argument("--version", default="", help="version folder name; default: UTC timestamp")
@@ -52,9 +59,14 @@ def main_train(args) -> int:
     from router.paths import classifier_dir
 
     _threads()
-    cfg = TrainConfig(data=args.data or classifier.seed_path(), out=args.out or classifier_dir(), model=args.model,
+    data = args.data or classifier.seed_path()
+    lora = args.encoder_lora
+    if lora is None and args.encoder is None and Path(data).resolve() == classifier.seed_path().resolve():
+        lora = classifier.shipped_encoder_path()  # the seed set's fine-tuned encoder ships with the package
+    cfg = TrainConfig(data=data, out=args.out or classifier_dir(), model=args.model,
                       threshold=args.threshold, max_misroute=args.max_misroute, version=args.version,
-                      max_tokens=args.max_tokens, quant=args.quant)
+                      max_tokens=args.max_tokens, quant=args.quant, encoder=args.encoder or "finetune",
+                      encoder_lora=lora, finetune_epochs=args.finetune_epochs)
     res = train(cfg, log=(lambda *a: print(*a, file=sys.stderr)) if args.json else print)
     if args.json:
         print(json.dumps(res.metadata, indent=2))

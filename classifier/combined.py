@@ -54,7 +54,31 @@ class CombinedModel:
         return self
 
     def predict_proba(self, X: TextsAndEmbeddings) -> np.ndarray:
-        return self.lr_.predict_proba(self._design(X))
+        """Same numbers as `lr_.predict_proba(hstack(...))`, computed block by block: each sparse TF-IDF block
+        times its slice of the coefficients, plus the dense embedding part, then a softmax. Skips building the
+        stacked sparse matrix and scikit-learn's checks (~0.6 ms of a single prompt's budget)."""
+        Ww, Wc, We, b = self._blocks()
+        z = (np.asarray(self.word_.transform(X.texts) @ Ww) + np.asarray(self.char_.transform(X.texts) @ Wc)
+             + (np.asarray(X.emb, dtype=np.float64) * self.emb_weight) @ We + b)
+        if z.shape[1] == 1:  # binary logistic regression: one logit for classes_[1]
+            z = np.hstack([np.zeros_like(z), z])
+        z -= z.max(1, keepdims=True)
+        e = np.exp(z)
+        return e / e.sum(1, keepdims=True)
+
+    def _blocks(self):
+        blocks = getattr(self, "_blocks_", None)
+        if blocks is None:
+            nw, nc = len(self.word_.vocabulary_), len(self.char_.vocabulary_)
+            W = np.ascontiguousarray(self.lr_.coef_.T)  # [features, classes or 1]
+            blocks = (W[:nw], W[nw:nw + nc], W[nw + nc:], self.lr_.intercept_)
+            self._blocks_ = blocks
+        return blocks
+
+    def __getstate__(self):
+        state = dict(self.__dict__)
+        state.pop("_blocks_", None)  # derived from lr_; not pickled
+        return state
 
     def predict(self, X: TextsAndEmbeddings) -> np.ndarray:
         return self.classes_[self.predict_proba(X).argmax(1)]

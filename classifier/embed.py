@@ -37,7 +37,7 @@ class Embedder:
     dim = 384
 
     def __init__(self, path: str | Path | None = None, *, batch_size: int = 32,
-                 max_tokens: int = DEFAULT_MAX_TOKENS, quant: str = "none"):
+                 max_tokens: int = DEFAULT_MAX_TOKENS, quant: str = "none", lora: str | Path | None = None):
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
         os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
         import torch
@@ -47,6 +47,14 @@ class Embedder:
         self._torch = torch
         self.tokenizer = AutoTokenizer.from_pretrained(p)
         self.model = AutoModel.from_pretrained(p).eval()
+        # a fine-tuned encoder (classifier.finetune): its LoRA factors are merged into the weights before any
+        # quantization, so it costs the same per prompt as the stock one
+        self.lora = Path(lora) if lora else None
+        self.encoder_id = encoder_id(self.lora)
+        if self.lora is not None:
+            from classifier.finetune import merge_into
+
+            merge_into(self.model, self.lora)
         self.quant = check_quant(quant)
         if self.quant == "int8":
             self.model = _quantize_int8(torch, self.model)
@@ -66,13 +74,16 @@ class Embedder:
             for s in range(0, len(order), self.batch_size):
                 idx = order[s:s + self.batch_size]
                 batch = [texts[i][:char_cap] for i in idx]
-                enc = self.tokenizer(batch, padding=True, truncation=True, max_length=max_tokens,
+                # one tokenization, one token past the window: a row that fills it was truncated; it is then cut
+                # back to the window with [SEP] at its end (what truncation at max_tokens gives)
+                enc = self.tokenizer(batch, padding=True, truncation=True, max_length=max_tokens + 1,
                                      return_tensors="pt")
-                lengths = enc["attention_mask"].sum(1)
+                full = enc["attention_mask"].sum(1) > max_tokens
                 for j, i in enumerate(idx):
-                    # a full window means the text reached the limit; check the rest is non-empty
-                    if len(texts[i]) > char_cap or int(lengths[j]) >= max_tokens:
-                        truncated[i] = self._really_truncated(texts[i], max_tokens)
+                    truncated[i] = bool(full[j]) or len(texts[i]) > char_cap
+                if bool(full.any()):
+                    enc = {k: v[:, :max_tokens].clone() for k, v in enc.items()}
+                    enc["input_ids"][full, max_tokens - 1] = self.tokenizer.sep_token_id
                 hidden = self.model(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"],
                                     token_type_ids=enc.get("token_type_ids")).last_hidden_state
                 mask = enc["attention_mask"].unsqueeze(-1).to(hidden.dtype)
@@ -80,11 +91,6 @@ class Embedder:
                 pooled = self._torch.nn.functional.normalize(pooled, p=2, dim=1)
                 out[idx] = pooled.numpy()
         return out, truncated
-
-    def _really_truncated(self, text: str, max_tokens: int) -> bool:
-        char_cap = max_tokens * _CHARS_PER_TOKEN
-        n = len(self.tokenizer(text[:char_cap + 1], add_special_tokens=True, truncation=False)["input_ids"])
-        return n > max_tokens or len(text) > char_cap
 
 
 QUANTS = ("none", "int8")
@@ -118,12 +124,31 @@ _SHARED: dict = {}
 _SHARED_LOCK = threading.Lock()
 
 
-def shared(quant: str = "none") -> "Embedder":
-    """One process-wide embedder per quantization (the weights are loaded once, whichever artifact asks)."""
+def shared(quant: str = "none", lora: str | Path | None = None) -> "Embedder":
+    """One process-wide embedder per (precision, encoder): the weights are loaded once, whichever artifact asks.
+
+    `lora`: a fine-tuned encoder's factors (classifier.finetune); encoders are told apart by the file's sha256.
+    """
+    key = (quant, encoder_id(lora))
     with _SHARED_LOCK:
-        if quant not in _SHARED:
-            _SHARED[quant] = Embedder(quant=quant)
-        return _SHARED[quant]
+        if key not in _SHARED:
+            _SHARED[key] = Embedder(quant=quant, lora=lora)
+        return _SHARED[key]
+
+
+def encoder_id(lora: str | Path | None) -> str:
+    """`base` for the stock encoder, `ft-<first 12 hex of the LoRA file's sha256>` for a fine-tuned one."""
+    if not lora:
+        return "base"
+    from classifier.dataset import sha256_file
+
+    try:
+        return "ft-" + sha256_file(Path(lora))[:12]
+    except OSError as exc:
+        from router.errors import FailedPrecondition
+
+        raise FailedPrecondition(f"fine-tuned encoder {lora} cannot be read ({exc}); retrain the classifier with "
+                                 "`specialist-router classifier train`") from None
 
 
 def check_max_tokens(n) -> int:

@@ -1,4 +1,5 @@
-"""classifier/: real MiniLM embedder, real training on the seed set (once per module), artifact round trip."""
+"""classifier/: real MiniLM embedder (the shipped fine-tuned encoder), real training on the seed set (once per
+module), a real encoder fine-tune on a small set, artifact round trip."""
 from __future__ import annotations
 
 import json
@@ -24,17 +25,21 @@ def _one_thread():
     torch.set_num_threads(n)
 
 
+SHIPPED = classifier.shipped_encoder_path()
+
+
 @pytest.fixture(scope="module")
 def embedder():
     from classifier.embed import Embedder
 
-    return Embedder(quant="int8")  # the default artifacts' encoder precision
+    # the default artifacts' encoder: MiniLM fine-tuned on the seed set (shipped LoRA), int8
+    return Embedder(quant="int8", lora=SHIPPED)
 
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory, embedder):
     root = tmp_path_factory.mktemp("clf")
-    res = train(TrainConfig(data=classifier.seed_path(), out=root, model="embed", version="v1"),
+    res = train(TrainConfig(data=classifier.seed_path(), out=root, model="embed", version="v1", encoder_lora=SHIPPED),
                 embedder=embedder, log=lambda *a: None)
     return root, res
 
@@ -150,7 +155,10 @@ def test_current_names_missing_version(tmp_path):
         classifier.load(tmp_path)
 
 
-def test_custom_task_set(tmp_path, embedder):
+def test_custom_task_set(tmp_path):
+    from classifier.embed import shared
+
+    embedder = shared("int8")  # the stock encoder (TrainConfig's default for operators' own data)
     rows = [("Is my flight on time?", "status"), ("Where is my parcel?", "status"),
             ("Has my order shipped yet?", "status"), ("Track package 12345", "status"),
             ("What's the status of my refund?", "status"),
@@ -242,8 +250,8 @@ def test_ensure_default_is_idempotent(trained, monkeypatch, tmp_path):
 def combined(tmp_path_factory, embedder):
     """The default kind, trained once on the seed set: (train result, loaded classifier)."""
     root = tmp_path_factory.mktemp("combined")
-    res = train(TrainConfig(data=classifier.seed_path(), out=root, model="combined", version="c1"),
-                embedder=embedder, log=lambda *a: None)
+    res = train(TrainConfig(data=classifier.seed_path(), out=root, model="combined", version="c1",
+                            encoder_lora=SHIPPED), embedder=embedder, log=lambda *a: None)
     c = classifier.load(root)
     c._embedder = embedder
     return res, c
@@ -256,7 +264,8 @@ def test_combined_default_model(combined, embedder):
     assert meta["kind"] == "combined" and meta["max_tokens"] == 128
     assert meta["embedding_model"] == "sentence-transformers/all-MiniLM-L6-v2"
     assert meta["embedding_quant"] == "int8"
-    assert c.max_tokens == 128 and c.quant == "int8"
+    assert meta["encoder"]["finetuned"] and meta["files"]["encoder_lora.safetensors"] == meta["encoder"]["sha256"]
+    assert c.max_tokens == 128 and c.quant == "int8" and c.lora == res.path / "encoder_lora.safetensors"
     assert [t for t, _ in c.predict([t for t, _ in HARD_CASES])] == [task for _, task in HARD_CASES]
     long = "Please summarize the following report. " + "Revenue grew in all regions this quarter. " * 30
     p = c.predict_detailed([long, "Write a haiku about rain."])
@@ -278,5 +287,71 @@ def test_embedding_window(embedder):
 
     texts = ["Write a SQL query that counts orders per customer.", "Translate 'good morning' into German."]
     a, _ = embedder.encode(texts)
-    b, _ = shared("none").encode(texts)
+    b, _ = shared("none", SHIPPED).encode(texts)
     assert embedder.quant == "int8" and float((a * b).sum(1).min()) > 0.8
+
+
+def test_single_tokenization_matches_window(embedder):
+    """The embedder tokenizes once, one token past the window, and cuts back: same vector as truncating at it."""
+    import numpy as np
+    import torch
+
+    text = "Please summarize the following report. " + "Revenue grew in all regions this quarter. " * 30
+    got, trunc = embedder.encode([text], max_tokens=64)
+    enc = embedder.tokenizer([text], truncation=True, max_length=64, return_tensors="pt")
+    with torch.inference_mode():
+        h = embedder.model(**enc).last_hidden_state.mean(1)
+    ref = torch.nn.functional.normalize(h, dim=1).numpy()
+    assert trunc == [True] and np.allclose(got, ref, atol=1e-5)
+
+
+def test_combined_blockwise_proba_matches_sklearn(combined):
+    """CombinedModel.predict_proba (block by block) gives scikit-learn's numbers on the stacked design."""
+    import numpy as np
+
+    from classifier.combined import TextsAndEmbeddings
+
+    _, c = combined
+    texts = ["Write a haiku about rain.", "SELECT * FROM t WHERE", "Übersetze bitte: good night"]
+    X = TextsAndEmbeddings(texts, c.embedder.encode(texts, max_tokens=c.max_tokens)[0])
+    assert np.allclose(c.model.predict_proba(X), c.model.lr_.predict_proba(c.model._design(X)), atol=1e-9)
+
+
+def test_finetuned_encoder_artifact(tmp_path):
+    """`--encoder finetune`: a real LoRA fine-tune of MiniLM on a small labeled set; the factors ship in the
+    version folder (fingerprinted), load merged into the encoder, and a tampered file is refused."""
+    import numpy as np
+
+    from classifier.embed import shared
+
+    rows = [(f"Please fix the bug in my {w} function, it throws an exception", "code") for w in
+            ("python", "java", "rust", "go", "sql", "bash", "kotlin", "ruby")]
+    rows += [(f"Write a short {w} poem about the autumn sea for my friend", "writing") for w in
+             ("sad", "happy", "long", "funny", "rhyming", "gentle", "dark", "bright")]
+    data = tmp_path / "two.jsonl"
+    data.write_text("".join(json.dumps({"text": t, "label": l}) + "\n" for t, l in rows))
+    logs = []
+    cfg = TrainConfig(data=data, out=tmp_path / "art", model="embed", encoder="finetune", finetune_epochs=2,
+                      max_tokens=32, val_fraction=0.25, version="f1")
+    res = train(cfg, log=logs.append)
+    enc = res.metadata["encoder"]
+    assert enc["finetuned"] and enc["recipe"]["epochs"] == 2 and enc["recipe"]["examples"] == 12  # training split
+    lora = res.path / "encoder_lora.safetensors"
+    assert res.metadata["files"]["encoder_lora.safetensors"] == enc["sha256"] and lora.stat().st_size > 100_000
+    assert any("fine-tuning the encoder" in str(m) for m in logs)
+    c = classifier.load(res.path)
+    assert c.lora == lora
+    texts = ["Please fix the bug in my swift function, it throws an exception"]
+    assert not np.allclose(c.embedder.encode(texts)[0], shared("int8").encode(texts)[0], atol=1e-3)
+    assert c.predict(texts)[0][0] == "code"
+    # the same data and recipe reuse the cached fine-tune
+    logs.clear()
+    train(TrainConfig(**{**cfg.__dict__, "version": "f2"}), log=logs.append)
+    assert any("reusing the fine-tuned encoder" in str(m) for m in logs)
+    with open(lora, "r+b") as fh:
+        fh.seek(-8, 2)
+        fh.write(b"\x00" * 8)
+    with pytest.raises(FailedPrecondition, match="sha256"):
+        classifier.load(res.path)
+    with pytest.raises(InvalidArgument, match="--encoder"):
+        TrainConfig(data=data, out=tmp_path, encoder="bert-large").validate()
