@@ -87,7 +87,7 @@ def ensure_default() -> Path:
                                  encoder_lora=shipped_encoder_path())).path
 
 
-DEFAULT_KIND = "combined"
+DEFAULT_KIND = "embed"  # with the fine-tuned encoder, TF-IDF adds no accuracy (docs/bench-classifier.md)
 DEFAULT_QUANT = "int8"
 
 

@@ -19,9 +19,10 @@ def add_commands(subparsers) -> None:
     t = sub.add_parser("train", help="train a new artifact version from labeled JSONL and make it current")
     t.add_argument("--data", type=Path, default=None, help="labeled JSONL ({'text','label'} per line); default: the seed set")
     t.add_argument("--out", type=Path, default=None, help="artifact root; default: <data dir>/classifier")
-    t.add_argument("--model", choices=("combined", "embed", "tfidf", "auto"), default="combined",
-                   help="combined: TF-IDF word+char n-grams stacked with MiniLM embeddings + logistic regression "
-                        "(default); embed: embeddings only; tfidf: TF-IDF only; auto: the best on the validation split")
+    t.add_argument("--model", choices=("combined", "embed", "tfidf", "auto"), default=None,
+                   help="embed: logistic regression on the MiniLM embeddings (default with a fine-tuned encoder); "
+                        "combined: TF-IDF word+char n-grams stacked with the embeddings (default with --encoder base); "
+                        "tfidf: TF-IDF only; auto: the best on the validation split")
     t.add_argument("--max-tokens", type=int, default=128,
                    help="embed only the first N wordpieces of each prompt (8..256; default 128)")
     t.add_argument("--quant", choices=("int8", "none"), default="int8",
@@ -63,9 +64,11 @@ def main_train(args) -> int:
     lora = args.encoder_lora
     if lora is None and args.encoder is None and Path(data).resolve() == classifier.seed_path().resolve():
         lora = classifier.shipped_encoder_path()  # the seed set's fine-tuned encoder ships with the package
-    cfg = TrainConfig(data=data, out=args.out or classifier_dir(), model=args.model,
+    encoder = args.encoder or "finetune"
+    model = args.model or ("combined" if encoder == "base" and lora is None else "embed")
+    cfg = TrainConfig(data=data, out=args.out or classifier_dir(), model=model,
                       threshold=args.threshold, max_misroute=args.max_misroute, version=args.version,
-                      max_tokens=args.max_tokens, quant=args.quant, encoder=args.encoder or "finetune",
+                      max_tokens=args.max_tokens, quant=args.quant, encoder=encoder,
                       encoder_lora=lora, finetune_epochs=args.finetune_epochs)
     res = train(cfg, log=(lambda *a: print(*a, file=sys.stderr)) if args.json else print)
     if args.json:

@@ -91,8 +91,10 @@ HARD_CASES = [
 
 
 @pytest.mark.parametrize("text,task", HARD_CASES)
-def test_hard_cases(combined, text, task):
-    """The default kind (combined) gets every hard case of the task definitions right."""
+def test_hard_cases(clf, combined, text, task):
+    """The default model (embed on the shipped fine-tuned encoder) and the combined kind get every hard case of
+    the task definitions right."""
+    assert clf.predict([text])[0][0] == task
     assert combined[1].predict([text])[0][0] == task
 
 
@@ -257,8 +259,8 @@ def combined(tmp_path_factory, embedder):
     return res, c
 
 
-def test_combined_default_model(combined, embedder):
-    """The default kind (what ensure_default builds): TF-IDF + embeddings of the first 128 wordpieces."""
+def test_combined_model(combined, embedder):
+    """The combined kind: TF-IDF + fine-tuned embeddings of the first 128 wordpieces."""
     res, c = combined
     meta = res.metadata
     assert meta["kind"] == "combined" and meta["max_tokens"] == 128
