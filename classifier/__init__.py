@@ -56,12 +56,12 @@ def shipped_encoder_path() -> Path:
 
 
 def ensure_default() -> Path:
-    """Build the default artifact (`combined`: TF-IDF word+char n-grams stacked with MiniLM embeddings of the
-    first 128 wordpieces, + logistic regression, on the seed set) if absent.
+    """Build the default artifact (`embed`: logistic regression on the embeddings of the first 128 wordpieces
+    by MiniLM fine-tuned on the seed set, the shipped `seed.encoder_lora.safetensors`) if absent.
 
-    Idempotent: returns the current version's folder when it exists and verifies; otherwise trains (about
-    25 s of CPU: the seed embeddings are shipped in `seed.jsonl.embeddings.npz` and recomputed only when
-    they do not match the seed file) and points `current` at the new version.
+    Idempotent: returns the current version's folder when it exists, verifies and matches this release's seed
+    and recipe; otherwise trains (a few seconds: the seed embeddings are shipped in `seed.jsonl.embeddings.npz`
+    and recomputed only when they do not match the seed file and encoder) and points `current` at it.
     """
     from router.errors import FailedPrecondition
     from router.paths import classifier_dir

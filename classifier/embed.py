@@ -23,6 +23,9 @@ DEFAULT_MAX_TOKENS = 128
 # The first N wordpieces of any realistic text lie within N * 16 characters; cutting the string first keeps
 # tokenization cheap for megabyte-sized inputs.
 _CHARS_PER_TOKEN = 16
+# ... and almost always within N * 8 characters (English prose averages ~4.5 characters per wordpiece): only that
+# prefix is tokenized first.
+_PREFIX_CHARS_PER_TOKEN = 8
 
 
 def model_path() -> Path:
@@ -73,12 +76,15 @@ class Embedder:
         with self._lock, self._torch.inference_mode():
             for s in range(0, len(order), self.batch_size):
                 idx = order[s:s + self.batch_size]
-                batch = [texts[i][:char_cap] for i in idx]
                 # one tokenization, one token past the window: a row that fills it was truncated; it is then cut
-                # back to the window with [SEP] at its end (what truncation at max_tokens gives)
-                enc = self.tokenizer(batch, padding=True, truncation=True, max_length=max_tokens + 1,
-                                     return_tensors="pt")
-                full = enc["attention_mask"].sum(1) > max_tokens
+                # back to the window with [SEP] at its end (what truncation at max_tokens gives). Only a prefix
+                # of whole words, about _PREFIX_CHARS_PER_TOKEN characters per token, is tokenized first (enough
+                # for the window in almost any text; cut at whitespace, its tokens are the full text's); a batch
+                # with a row that did not fill the window from it is redone in full.
+                heads = [_head(texts[i], max_tokens * _PREFIX_CHARS_PER_TOKEN, char_cap) for i in idx]
+                enc, full = self._tokenize(heads, max_tokens)
+                if any(not full[j] and len(texts[i]) > len(heads[j]) for j, i in enumerate(idx)):
+                    enc, full = self._tokenize([texts[i][:char_cap] for i in idx], max_tokens)
                 for j, i in enumerate(idx):
                     truncated[i] = bool(full[j]) or len(texts[i]) > char_cap
                 if bool(full.any()):
@@ -91,6 +97,18 @@ class Embedder:
                 pooled = self._torch.nn.functional.normalize(pooled, p=2, dim=1)
                 out[idx] = pooled.numpy()
         return out, truncated
+
+    def _tokenize(self, batch: list[str], max_tokens: int):
+        enc = self.tokenizer(batch, padding=True, truncation=True, max_length=max_tokens + 1, return_tensors="pt")
+        return enc, enc["attention_mask"].sum(1) > max_tokens
+
+
+def _head(text: str, n: int, cap: int) -> str:
+    """`text` cut at the last whitespace before character n (whole words only), or at `cap` when there is none."""
+    if len(text) <= n:
+        return text
+    k = max(text.rfind(" ", 0, n), text.rfind("\n", 0, n), text.rfind("\t", 0, n))
+    return text[:k] if k > n // 2 else text[:cap]
 
 
 QUANTS = ("none", "int8")

@@ -357,3 +357,20 @@ def test_finetuned_encoder_artifact(tmp_path):
         classifier.load(res.path)
     with pytest.raises(InvalidArgument, match="--encoder"):
         TrainConfig(data=data, out=tmp_path, encoder="bert-large").validate()
+
+
+@pytest.mark.parametrize("text", [
+    "word " * 40 + "antidisestablishmentarianism " * 30,  # long words straddle the first cut
+    "x" * 5000,  # no whitespace at all: tokenized from the full character cap
+    "短" * 300 + " tail",
+])
+def test_window_tokens_match_full_tokenization(embedder, text):
+    """The prefix tokenized first gives exactly the window that tokenizing the whole text would."""
+    import numpy as np
+    import torch
+
+    got, trunc = embedder.encode([text], max_tokens=32)
+    enc = embedder.tokenizer([text], truncation=True, max_length=32, return_tensors="pt")
+    with torch.inference_mode():
+        ref = torch.nn.functional.normalize(embedder.model(**enc).last_hidden_state.mean(1), dim=1).numpy()
+    assert trunc == [True] and np.allclose(got, ref, atol=1e-5)
