@@ -57,11 +57,14 @@ def add_commands(subparsers) -> None:
 def main_train(args) -> int:
     import classifier
     from classifier.train import TrainConfig, train
+    from router.errors import InvalidArgument
     from router.paths import classifier_dir
 
     _threads()
     data = args.data or classifier.seed_path()
     lora = args.encoder_lora
+    if lora is not None and args.encoder == "base":
+        raise InvalidArgument("--encoder base and --encoder-lora contradict each other: pass one of them")
     if lora is None and args.encoder is None and Path(data).resolve() == classifier.seed_path().resolve():
         lora = classifier.shipped_encoder_path()  # the seed set's fine-tuned encoder ships with the package
     encoder = args.encoder or "finetune"

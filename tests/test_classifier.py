@@ -232,6 +232,8 @@ def test_cli_train_eval_predict(tmp_path, capsys, trained):
                             for w in ("alpha", "beta") for i in range(6)))
     assert main(["classifier", "train", "--data", str(data), "--out", str(tmp_path / "a"), "--model", "tfidf"]) == 0
     assert (tmp_path / "a" / "current").is_file()
+    assert main(["classifier", "train", "--data", str(data), "--encoder", "base", "--encoder-lora",
+                 str(classifier.shipped_encoder_path())]) == 2  # contradictory flags: a one-line error
 
 
 def test_ensure_default_is_idempotent(trained, monkeypatch, tmp_path):
