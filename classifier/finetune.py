@@ -65,8 +65,11 @@ def _target_modules(model) -> list[str]:
 
 
 def finetune(texts: list[str], labels: list[str], out_file: Path, cfg: FinetuneConfig | None = None, *,
-             log=print) -> dict:
-    """Fine-tune on (texts, labels) and write the LoRA factors to `out_file` (atomically). Returns a summary."""
+             trained_on: dict | None = None, log=print) -> dict:
+    """Fine-tune on (texts, labels) and write the LoRA factors to `out_file` (atomically). Returns a summary.
+
+    `trained_on` (e.g. the data's sha256 and the split) is stored in the summary, so a later `train` that reuses
+    the encoder can tell whether its validation rows were held out from the fine-tune."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     import torch
@@ -152,7 +155,7 @@ def finetune(texts: list[str], labels: list[str], out_file: Path, cfg: FinetuneC
     tmp = out_file.with_name(f".{out_file.name}.{os.getpid()}.tmp")
     summary = {"base": MODEL_ID, "rank": cfg.rank, "scale": scale, "epochs": cfg.epochs, "lr": cfg.lr,
                "batch_size": cfg.batch_size, "max_tokens": cfg.max_tokens, "seed": cfg.seed, "examples": len(y),
-               "classes": classes, "seconds": round(time.monotonic() - t0, 1)}
+               "classes": classes, "seconds": round(time.monotonic() - t0, 1), "trained_on": trained_on or {}}
     save_file(tensors, str(tmp), metadata={"base": MODEL_ID, "rank": str(cfg.rank), "scale": str(scale),
                                             "summary": json.dumps(summary)})
     os.replace(tmp, out_file)

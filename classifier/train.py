@@ -268,10 +268,19 @@ def _encoder(cfg: TrainConfig, ex, tr, log) -> tuple[Path | None, dict]:
     from classifier.embed import MODEL_ID
     from classifier.finetune import finetune, read_summary
 
+    split = {"data_sha256": ex.sha256, "val_fraction": cfg.val_fraction, "split_seed": cfg.seed}
     if cfg.encoder_lora is not None:
         lora = Path(cfg.encoder_lora)
+        recipe = read_summary(lora)
+        seen = recipe.get("trained_on") or {}
+        # True: the encoder was fine-tuned on this data's training split, so the validation rows (threshold)
+        # are unseen by it; False: another split of this data (it may have seen them); None: unknown
+        unseen = (seen == split) if seen.get("data_sha256") == ex.sha256 else None
+        if unseen is False:
+            log("warning: the reused encoder was fine-tuned on another split of this data; the validation rows may "
+                "not be held out from it and the threshold may be optimistic")
         return lora, {"base": MODEL_ID, "finetuned": True, "file": LORA_FILE, "sha256": sha256_file(lora),
-                      "source": str(lora), "recipe": read_summary(lora)}
+                      "source": str(lora), "recipe": recipe, "validation_unseen_by_encoder": unseen}
     if cfg.encoder == "base":
         return None, {"base": MODEL_ID, "finetuned": False}
     fcfg = cfg.finetune_config()
@@ -282,9 +291,9 @@ def _encoder(cfg: TrainConfig, ex, tr, log) -> tuple[Path | None, dict]:
         log(f"reusing the fine-tuned encoder {lora}")
     else:
         log(f"fine-tuning the encoder on {len(tr)} training examples ({fcfg.epochs} epochs, LoRA rank {fcfg.rank})")
-        finetune([ex.texts[i] for i in tr], [ex.labels[i] for i in tr], lora, fcfg, log=log)
+        finetune([ex.texts[i] for i in tr], [ex.labels[i] for i in tr], lora, fcfg, trained_on=split, log=log)
     return lora, {"base": MODEL_ID, "finetuned": True, "file": LORA_FILE, "sha256": sha256_file(lora),
-                  "recipe": read_summary(lora)}
+                  "recipe": read_summary(lora), "validation_unseen_by_encoder": True}
 
 
 def predict_file(clf, data: Path):

@@ -340,6 +340,9 @@ def test_finetuned_encoder_artifact(tmp_path):
     res = train(cfg, log=logs.append)
     enc = res.metadata["encoder"]
     assert enc["finetuned"] and enc["recipe"]["epochs"] == 2 and enc["recipe"]["examples"] == 12  # training split
+    assert enc["validation_unseen_by_encoder"] is True
+    assert enc["recipe"]["trained_on"] == {"data_sha256": res.metadata["data"]["sha256"], "val_fraction": 0.25,
+                                           "split_seed": 0}
     lora = res.path / "encoder_lora.safetensors"
     assert res.metadata["files"]["encoder_lora.safetensors"] == enc["sha256"] and lora.stat().st_size > 100_000
     assert any("fine-tuning the encoder" in str(m) for m in logs)
@@ -352,6 +355,15 @@ def test_finetuned_encoder_artifact(tmp_path):
     logs.clear()
     train(TrainConfig(**{**cfg.__dict__, "version": "f2"}), log=logs.append)
     assert any("reusing the fine-tuned encoder" in str(m) for m in logs)
+    # the same encoder reused by file on the same data and split: its validation rows are known to be unseen;
+    # on another split they may not be, and train says so
+    same = train(TrainConfig(**{**cfg.__dict__, "version": "f3", "encoder": "base", "encoder_lora": lora}),
+                 log=logs.append)
+    assert same.metadata["encoder"]["validation_unseen_by_encoder"] is True
+    logs.clear()
+    other = train(TrainConfig(**{**cfg.__dict__, "version": "f4", "encoder_lora": lora, "seed": 1}), log=logs.append)
+    assert other.metadata["encoder"]["validation_unseen_by_encoder"] is False
+    assert any("may not be held out" in str(m) for m in logs)
     with open(lora, "r+b") as fh:
         fh.seek(-8, 2)
         fh.write(b"\x00" * 8)
