@@ -90,17 +90,21 @@ class Embedder:
                 if bool(full.any()):
                     enc = {k: v[:, :max_tokens].clone() for k, v in enc.items()}
                     enc["input_ids"][full, max_tokens - 1] = self.tokenizer.sep_token_id
-                hidden = self.model(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"],
-                                    token_type_ids=enc.get("token_type_ids")).last_hidden_state
-                mask = enc["attention_mask"].unsqueeze(-1).to(hidden.dtype)
-                pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
-                pooled = self._torch.nn.functional.normalize(pooled, p=2, dim=1)
-                out[idx] = pooled.numpy()
+                out[idx] = sentence_embeddings(self._torch, self.model, enc).numpy()
         return out, truncated
 
     def _tokenize(self, batch: list[str], max_tokens: int):
         enc = self.tokenizer(batch, padding=True, truncation=True, max_length=max_tokens + 1, return_tensors="pt")
         return enc, enc["attention_mask"].sum(1) > max_tokens
+
+
+def sentence_embeddings(torch, model, enc):
+    """The sentence-transformers head of all-MiniLM-L6-v2: mean of the token states over the mask, L2-normalized
+    (shared by prediction and the encoder fine-tune, so both see the same vectors)."""
+    hidden = model(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"],
+                   token_type_ids=enc.get("token_type_ids")).last_hidden_state
+    mask = enc["attention_mask"].unsqueeze(-1).to(hidden.dtype)
+    return torch.nn.functional.normalize((hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9), p=2, dim=1)
 
 
 def _head(text: str, n: int, cap: int) -> str:

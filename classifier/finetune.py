@@ -81,6 +81,7 @@ def finetune(texts: list[str], labels: list[str], out_file: Path, cfg: FinetuneC
         MODEL_ID,
         check_max_tokens,
         model_path,
+        sentence_embeddings,
     )
 
     cfg = cfg or FinetuneConfig()
@@ -133,10 +134,7 @@ def finetune(texts: list[str], labels: list[str], out_file: Path, cfg: FinetuneC
         for b in batches:
             enc = tok([texts[i][:char_cap] for i in b], truncation=True, max_length=cfg.max_tokens, padding=True,
                       return_tensors="pt")
-            hidden = model(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"],
-                           token_type_ids=enc.get("token_type_ids")).last_hidden_state
-            mask = enc["attention_mask"].unsqueeze(-1).to(hidden.dtype)
-            pooled = torch.nn.functional.normalize((hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9), dim=1)
+            pooled = sentence_embeddings(torch, model, enc)
             loss = torch.nn.functional.cross_entropy(head(pooled) * 20.0, torch.from_numpy(y[b]), weight=weight)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params, 1.0)

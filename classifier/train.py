@@ -16,9 +16,8 @@ from pathlib import Path
 
 import numpy as np
 
-from classifier.finetune import (
-    LORA_FILE,  # a fine-tuned encoder's file name in a version folder
-)
+# LORA_FILE: a fine-tuned encoder's file name in a version folder
+from classifier.finetune import LORA_FILE
 from router.errors import InvalidArgument
 
 KINDS = ("combined", "embed", "tfidf", "auto")
