@@ -24,7 +24,7 @@ from grpc_reflection.v1alpha import reflection
 from router.auth import AuthInterceptor, load_tokens
 from router.backend import StreamEvent, VLLMBackend, now_ms
 from router.config import GatewayConfig
-from router.errors import FailedPrecondition, InvalidArgument, ResourceExhausted, Unavailable, UserError
+from router.errors import DeadlineExceeded, FailedPrecondition, InvalidArgument, ResourceExhausted, Unavailable, UserError
 from router.routing import Decision, LoadedAdapter, RoutingTable, decide, explicit_adapter
 from router.v1 import router_pb2 as pb
 from router.v1 import router_pb2_grpc as pbg
@@ -232,8 +232,14 @@ class Gateway:
                 yield "event", ev
             raise Unavailable("the vLLM backend ended the stream without a final message: retry the request")
         except UserError as exc:
-            status, error = "error", f"{exc.code.name}: {exc}"
-            rec.finish_reason = "error"
+            if isinstance(exc, DeadlineExceeded):
+                # the backend's own timer (deadline + 1 s) fired before gRPC cancelled this handler, which happens
+                # on a loaded machine: the same event as a cancelled deadline, so it is logged the same way
+                status, error = "cancelled", f"{exc.code.name}: {exc}"
+                rec.finish_reason = "cancelled"
+            else:
+                status, error = "error", f"{exc.code.name}: {exc}"
+                rec.finish_reason = "error"
             await context.abort(exc.code, str(exc))
         except (asyncio.CancelledError, GeneratorExit):
             status, error = "cancelled", "client cancelled or deadline exceeded"

@@ -78,11 +78,12 @@ def test_every_exchange_is_logged_with_route_and_feedback(routed_gateway):
         streamed = [ch for ch in c.stream(GENERAL_PROMPT, max_tokens=8, client_id="tenant-a")]
         with pytest.raises(RouterError):
             c.generate(CODE_PROMPT, adapter="missing@1", client_id="tenant-a")
-        with pytest.raises(RouterError):
+        with pytest.raises(RouterError) as late:
             # greedy, so deterministic: a counting prompt runs far past the 3 s deadline (a sampled answer
             # could stop early and not time out)
             c.generate("Count from 1 to 500, writing every number in words on its own line.", max_tokens=1500,
                        temperature=0, timeout=3.0, client_id="tenant-a")
+        assert late.value.code == grpc.StatusCode.DEADLINE_EXCEEDED
         store = open_store(gw.db)
         rec = store.get(ok.request_id)
         assert rec is not None and rec.response_text == ok.text and rec.task == "code"
@@ -92,8 +93,16 @@ def test_every_exchange_is_logged_with_route_and_feedback(routed_gateway):
         assert srec.stream and srec.response_text == "".join(ch.delta for ch in streamed)
         recs = list(store.iter_records(client_id="tenant-a"))
         statuses = lambda: {r.status for r in store.iter_records(client_id="tenant-a")}  # noqa: E731
-        poll(lambda: statuses() >= {"ok", "error", "cancelled"}, timeout_s=30,
-             what="failed and cancelled requests to be logged (have: {})".format(statuses()))
+        try:
+            # a deadline is logged as cancelled whichever fires first: gRPC cancelling the handler, or the
+            # backend's own timer when the machine is too loaded for gRPC to get there in time
+            poll(lambda: statuses() >= {"ok", "error", "cancelled"}, timeout_s=30,
+                 what="failed and cancelled requests to be logged")
+        except AssertionError as exc:
+            logged = [(r.status, r.finish_reason, r.error[:80]) for r in store.iter_records(client_id="tenant-a")]
+            raise AssertionError(f"{exc}; logged: {logged}") from None
+        late_rec = [r for r in store.iter_records(client_id="tenant-a") if r.status == "cancelled"]
+        assert late_rec and all(r.finish_reason == "cancelled" for r in late_rec)
         errs = [r for r in store.iter_records(client_id="tenant-a") if r.status == "error"]
         assert any("NOT_FOUND" in r.error for r in errs)
         assert len(recs) >= 2
