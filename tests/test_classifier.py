@@ -376,3 +376,20 @@ def test_window_tokens_match_full_tokenization(embedder, text):
     with torch.inference_mode():
         ref = torch.nn.functional.normalize(embedder.model(**enc).last_hidden_state.mean(1), dim=1).numpy()
     assert trunc == [True] and np.allclose(got, ref, atol=1e-5)
+
+
+def test_traced_encoder_equals_eager(embedder):
+    """Inference runs a frozen TorchScript trace of the (int8) encoder: the same vectors as the eager model, alone
+    and in padded batches of other sizes and lengths than it was traced on."""
+    import numpy as np
+
+    from classifier.embed import Embedder
+
+    assert embedder.traced is not None
+    eager = Embedder(quant="int8", lora=SHIPPED, trace=False)
+    assert eager.traced is None
+    texts = [t for t, _ in HARD_CASES] + ["hi", "Please summarize this. " * 60]
+    for batch in (texts, texts[:1], texts[-1:], texts[3:6]):
+        got, _ = embedder.encode(batch)
+        ref, _ = eager.encode(batch)
+        assert got.shape == ref.shape and np.allclose(got, ref, atol=1e-6, rtol=0)
