@@ -199,6 +199,19 @@ def shared(quant: str = "none", lora: str | Path | None = None) -> "Embedder":
         return _SHARED[key]
 
 
+def retain(*embedders: Embedder) -> int:
+    """Forget every process-wide embedder except `embedders`; returns how many were dropped.
+
+    A gateway that reloads into a classifier with another encoder calls this so the old encoder's ~90 MB are freed
+    (a request still classifying with it keeps its reference until it is done).
+    """
+    with _SHARED_LOCK:
+        drop = [k for k, e in _SHARED.items() if not any(e is x for x in embedders)]
+        for k in drop:
+            del _SHARED[k]
+    return len(drop)
+
+
 def encoder_id(lora: str | Path | None) -> str:
     """`base` for the stock encoder, `ft-<first 12 hex of the LoRA file's sha256>` for a fine-tuned one."""
     if not lora:

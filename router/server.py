@@ -448,11 +448,21 @@ class AdminServicer(pbg.AdminServiceServicer):
     async def ReloadClassifier(self, request, context):
         async def go():
             import classifier as clf_pkg
+            from classifier.embed import retain
 
-            loop = asyncio.get_running_loop()
             path = request.path or self.gw.cfg.classifier.path or None
-            clf = await loop.run_in_executor(None, clf_pkg.load, path)
+
+            def load_warm():
+                clf = clf_pkg.load(path)
+                clf.predict(["warm up the embedder"])  # its encoder loads now, not in the next user request
+                return clf
+
+            # requests keep classifying with the current model until the new one is loaded and warm
+            clf = await asyncio.get_running_loop().run_in_executor(None, load_warm)
             self.gw.classifier = clf
+            dropped = retain(*[e for e in (clf._embedder,) if e is not None])
+            log.info("classifier %s loaded from %s (%s); %d unused encoder(s) released", clf.version, clf.path,
+                     clf.kind, dropped)
             return pb.ReloadClassifierResponse(version=str(clf.version), tasks=list(clf.tasks))
         return await self._call(context, go)
 

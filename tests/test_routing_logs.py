@@ -119,6 +119,47 @@ def test_every_exchange_is_logged_with_route_and_feedback(routed_gateway):
         store.close()
 
 
+def test_reload_classifier_swaps_warm_and_releases_the_old_encoder(routed_gateway, tmp_path):
+    """ReloadClassifier: a bad path is a clear error and the current classifier keeps serving; a good one is loaded
+    and warmed before the swap; an encoder only the old classifier used is released; reload with no path goes
+    back to the configured classifier."""
+    import json
+
+    from classifier.embed import _SHARED
+    from classifier.train import TrainConfig, train
+
+    gw = routed_gateway
+    rows = [("Is my flight on time?", "status"), ("Where is my parcel?", "status"), ("Has my order shipped?", "status"),
+            ("Track package 12345", "status"), ("What's the status of my refund?", "status"),
+            ("I want my money back", "refund"), ("Please refund my last payment", "refund"),
+            ("How do I get a refund for a broken item?", "refund"), ("Refund request for order 991", "refund"),
+            ("Charge me back, the product was wrong", "refund"),
+            ("Hello there", "other"), ("Tell me a joke", "other"), ("What's your name?", "other"),
+            ("Nice weather today", "other"), ("Thanks a lot!", "other")]
+    data = tmp_path / "ops.jsonl"
+    data.write_text("".join(json.dumps({"text": t, "label": lab}) + "\n" for t, lab in rows))
+    # the stock encoder (operators' --encoder base): not the fine-tuned one the default classifier uses
+    train(TrainConfig(data=data, out=tmp_path / "ops", model="embed", encoder="base", threshold=0.3,
+                      val_fraction=0.34), log=lambda *a: None)
+    default_tasks = list(gw.gateway.classifier.tasks)
+    with Client(gw.target, timeout=300) as c:
+        with pytest.raises(grpc.RpcError) as e:
+            c.admin.ReloadClassifier(pb.ReloadClassifierRequest(path=str(tmp_path / "nope")), timeout=60)
+        assert e.value.code() in (grpc.StatusCode.NOT_FOUND, grpc.StatusCode.FAILED_PRECONDITION)
+        assert str(tmp_path / "nope") in e.value.details()
+        assert c.classify(CODE_PROMPT).task == "code"  # still the configured classifier
+        try:
+            r = c.admin.ReloadClassifier(pb.ReloadClassifierRequest(path=str(tmp_path / "ops")), timeout=120)
+            assert sorted(r.tasks) == ["other", "refund", "status"]
+            assert gw.gateway.classifier._embedder is not None  # warmed before the swap
+            assert c.classify("Where is my parcel right now?").task == "status"
+            assert {enc for _, enc in _SHARED} == {"base"}  # the fine-tuned encoder is no longer held
+        finally:
+            r = c.admin.ReloadClassifier(pb.ReloadClassifierRequest(), timeout=120)
+        assert list(r.tasks) == default_tasks and c.classify(CODE_PROMPT).task == "code"
+        assert {enc for _, enc in _SHARED} == {gw.gateway.classifier.embedder.encoder_id}
+
+
 def test_kill_9_gateway_under_load_loses_no_acknowledged_record(vllm_server, tmp_path):
     """A gateway process is SIGKILLed while 4 clients stream; every fully received answer is in the log."""
     from router.managed import free_port
