@@ -27,6 +27,24 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
+# an operator's own task set (classifier tests): customer-support intents, five examples each
+OPS_ROWS = [("Is my flight on time?", "status"), ("Where is my parcel?", "status"), ("Has my order shipped yet?", "status"),
+            ("Track package 12345", "status"), ("What's the status of my refund?", "status"),
+            ("I want my money back", "refund"), ("Please refund my last payment", "refund"),
+            ("How do I get a refund for a broken item?", "refund"), ("Refund request for order 991", "refund"),
+            ("Charge me back, the product was wrong", "refund"),
+            ("Hello there", "other"), ("Tell me a joke", "other"), ("What's your name?", "other"),
+            ("Nice weather today", "other"), ("Thanks a lot!", "other")]
+
+
+def write_ops_data(path: Path) -> Path:
+    """OPS_ROWS as a labeled JSONL file at `path`."""
+    import json
+
+    path.write_text("".join(json.dumps({"text": t, "label": lab}) + "\n" for t, lab in OPS_ROWS))
+    return path
+
+
 def poll(fn, *, timeout_s: float, interval_s: float = 0.2, what: str = "condition"):
     """Poll fn() until truthy or the deadline passes (no fixed sleeps in tests)."""
     deadline = time.monotonic() + timeout_s

@@ -7,6 +7,7 @@ import shutil
 import threading
 
 import pytest
+from conftest import write_ops_data
 
 import classifier
 from classifier import artifact
@@ -161,16 +162,7 @@ def test_custom_task_set(tmp_path):
     from classifier.embed import shared
 
     embedder = shared("int8")  # the stock encoder (TrainConfig's default for operators' own data)
-    rows = [("Is my flight on time?", "status"), ("Where is my parcel?", "status"),
-            ("Has my order shipped yet?", "status"), ("Track package 12345", "status"),
-            ("What's the status of my refund?", "status"),
-            ("I want my money back", "refund"), ("Please refund my last payment", "refund"),
-            ("How do I get a refund for a broken item?", "refund"), ("Refund request for order 991", "refund"),
-            ("Charge me back, the product was wrong", "refund"),
-            ("Hello there", "other"), ("Tell me a joke", "other"), ("What's your name?", "other"),
-            ("Nice weather today", "other"), ("Thanks a lot!", "other")]
-    data = tmp_path / "ops.jsonl"
-    data.write_text("".join(json.dumps({"text": t, "label": l}) + "\n" for t, l in rows))
+    data = write_ops_data(tmp_path / "ops.jsonl")
     res = train(TrainConfig(data=data, out=tmp_path / "art", model="embed", threshold=0.3, val_fraction=0.34),
                 embedder=embedder, log=lambda *a: None)
     c = classifier.load(tmp_path / "art")

@@ -9,7 +9,7 @@ import threading
 
 import grpc
 import pytest
-from conftest import ROOT, poll
+from conftest import ROOT, poll, write_ops_data
 
 from router.client import Client, RouterError
 from router.logs.store import open_store
@@ -123,21 +123,11 @@ def test_reload_classifier_swaps_warm_and_releases_the_old_encoder(routed_gatewa
     """ReloadClassifier: a bad path is a clear error and the current classifier keeps serving; a good one is loaded
     and warmed before the swap; an encoder only the old classifier used is released; reload with no path goes
     back to the configured classifier."""
-    import json
-
     from classifier.embed import _SHARED
     from classifier.train import TrainConfig, train
 
     gw = routed_gateway
-    rows = [("Is my flight on time?", "status"), ("Where is my parcel?", "status"), ("Has my order shipped?", "status"),
-            ("Track package 12345", "status"), ("What's the status of my refund?", "status"),
-            ("I want my money back", "refund"), ("Please refund my last payment", "refund"),
-            ("How do I get a refund for a broken item?", "refund"), ("Refund request for order 991", "refund"),
-            ("Charge me back, the product was wrong", "refund"),
-            ("Hello there", "other"), ("Tell me a joke", "other"), ("What's your name?", "other"),
-            ("Nice weather today", "other"), ("Thanks a lot!", "other")]
-    data = tmp_path / "ops.jsonl"
-    data.write_text("".join(json.dumps({"text": t, "label": lab}) + "\n" for t, lab in rows))
+    data = write_ops_data(tmp_path / "ops.jsonl")
     # the stock encoder (operators' --encoder base): not the fine-tuned one the default classifier uses
     train(TrainConfig(data=data, out=tmp_path / "ops", model="embed", encoder="base", threshold=0.3,
                       val_fraction=0.34), log=lambda *a: None)
