@@ -11,7 +11,8 @@ Layout on disk (the contract; other processes read it directly):
 
 Crash safety: a version is copied into `<root>/<task>/.tmp-*` and renamed into place, so a half-written
 version is never visible; aliases.json and GENERATION are written to a temporary file, fsynced and
-`os.replace`d, so a crash mid-switch leaves the old alias. Readers take no lock.
+`os.replace`d, so a crash mid-switch leaves the old alias. Readers take no lock. What a crashed writer left
+in a task folder (`.tmp-*`, `.*.tmp`) is removed by the next register or alias move of that task.
 """
 from __future__ import annotations
 
@@ -85,6 +86,20 @@ def _fsync_path(path: Path) -> None:
         pass
     finally:
         os.close(fd)
+
+
+def _sweep_leftovers(task_dir: Path) -> None:
+    """Remove what a process that crashed mid-write left in a task folder: `.tmp-*` version copies and
+    `.<file>.*.tmp` files of atomic_write_text. Call only under the task's lock: every writer of these holds it,
+    so any that exist belong to a dead process."""
+    if not task_dir.is_dir():
+        return
+    for p in task_dir.iterdir():
+        if p.name.startswith(".tmp-") and p.is_dir() and not p.is_symlink():
+            shutil.rmtree(p, ignore_errors=True)
+        elif p.name.startswith(".") and p.name.endswith(".tmp") and p.is_file():
+            with contextlib.suppress(OSError):
+                p.unlink()
 
 
 def atomic_write_text(path: Path, text: str) -> None:
@@ -277,6 +292,7 @@ class Registry:
         task_dir = self._task_dir(task)
         task_dir.mkdir(parents=True, exist_ok=True)
         with self.lock(task):
+            _sweep_leftovers(task_dir)
             if parent_v is not None:
                 self.get(task, parent_v)  # NotFound if the parent does not exist
             existing = self._version_names(task_dir)
@@ -335,6 +351,7 @@ class Registry:
         self._check_alias(alias)
         target = self.get(task, version) if version is not None else None
         with self.lock(task):
+            _sweep_leftovers(self._task_dir(task))
             aliases = self.aliases(task)
             old = aliases[alias]
             new = target.version if target else None

@@ -170,9 +170,38 @@ def test_alias_switch_crash_leaves_old_alias(registry, adapters_dir, base):
     assert r.returncode == 17, r.stderr
     assert registry.production("code").version == "1"  # the old alias survives the crash
     assert [h["to"] for h in registry.history("code")] == ["1"] and registry.generation() == 1
-    # the dead process released its lock; the next switch works and leaves the stray tmp file harmless
+    def strays():
+        return [p.name for p in (registry.root / "code").iterdir() if p.name.endswith(".tmp")]
+
+    assert strays()  # the dead writer's temporary aliases file
+    # the dead process released its lock; the next switch works and removes the stray tmp file
     registry.set_alias("code", "production", "2")
     assert registry.production("code").version == "2" and registry.generation() == 2
+    assert strays() == []
+
+
+def test_register_crash_leaves_no_version_and_is_swept(registry, adapters_dir, base):
+    """A process killed between copying a version and renaming it into place: no half version is visible, and
+    the next register of that task removes the leftover copy."""
+    _, fp = base
+    _register(registry, "code", adapters_dir["good"], fp)
+    child = textwrap.dedent(f"""
+        import os, sys
+        sys.path.insert(0, {str(ROOT)!r})
+        from adapters.registry import Registry
+        os.rename = lambda *a, **k: os._exit(18)
+        Registry({str(registry.root)!r}).register("code", {str(adapters_dir["good"])!r}, base_model_id={BASE_ID!r},
+                                                  base_fingerprint={fp!r})
+    """)
+    r = subprocess.run([sys.executable, "-c", child], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 18, r.stderr
+
+    def leftovers():
+        return [p.name for p in (registry.root / "code").iterdir() if p.name.startswith(".tmp-")]
+
+    assert leftovers() and [v.version for v in registry.versions("code")] == ["1"]
+    v2 = _register(registry, "code", adapters_dir["good"], fp)
+    assert v2.version == "2" and leftovers() == []
 
 
 def test_concurrent_register_from_processes_serializes(registry, adapters_dir, base):
