@@ -94,8 +94,9 @@ DEFAULT_QUANT = "int8"
 def _stale_default(version_dir: Path) -> bool:
     """True when the artifact was built from the shipped seed set but not from this release's seed file or
     recipe (a package upgrade): the default is then rebuilt. Artifacts trained on operators' data are kept."""
-    import hashlib
     import json
+
+    from classifier.dataset import sha256_file
 
     try:
         meta = json.loads((Path(version_dir) / "metadata.json").read_text())
@@ -103,8 +104,8 @@ def _stale_default(version_dir: Path) -> bool:
         if Path(str(data.get("path", ""))).name != seed_path().name:
             return False
         encoder = meta.get("encoder") or {}
-        return (data.get("sha256") != hashlib.sha256(seed_path().read_bytes()).hexdigest()
+        return (data.get("sha256") != sha256_file(seed_path())
                 or meta.get("kind") != DEFAULT_KIND or (meta.get("embedding_quant") or "none") != DEFAULT_QUANT
-                or encoder.get("sha256") != hashlib.sha256(shipped_encoder_path().read_bytes()).hexdigest())
+                or encoder.get("sha256") != sha256_file(shipped_encoder_path()))
     except (OSError, ValueError):
         return False

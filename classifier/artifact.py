@@ -214,6 +214,12 @@ class Classifier:
                                   scores={t: float(p) for t, p in zip(self.tasks, row)}, truncated=bool(trunc)))
         return out
 
+    def warm_up(self) -> list:
+        """Load and run the encoder once, so no user request pays for it; returns the embedders this classifier
+        uses (none for `tfidf`)."""
+        self.predict(["warm up the embedder"])
+        return [self._embedder] if self._embedder is not None else []
+
     def predict(self, texts: list[str]) -> list[tuple[str, float]]:
         """(most likely task, confidence) per text; compare confidence with `threshold` to abstain."""
         return [(p.task, p.confidence) for p in self.predict_detailed(texts)]

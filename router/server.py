@@ -454,13 +454,12 @@ class AdminServicer(pbg.AdminServiceServicer):
 
             def load_warm():
                 clf = clf_pkg.load(path)
-                clf.predict(["warm up the embedder"])  # its encoder loads now, not in the next user request
-                return clf
+                return clf, clf.warm_up()  # its encoder loads now, not in the next user request
 
             # requests keep classifying with the current model until the new one is loaded and warm
-            clf = await asyncio.get_running_loop().run_in_executor(None, load_warm)
+            clf, embedders = await asyncio.get_running_loop().run_in_executor(None, load_warm)
             self.gw.classifier = clf
-            dropped = retain(*[e for e in (clf._embedder,) if e is not None])
+            dropped = retain(*embedders)
             log.info("classifier %s loaded from %s (%s); %d unused encoder(s) released", clf.version, clf.path,
                      clf.kind, dropped)
             return pb.ReloadClassifierResponse(version=str(clf.version), tasks=list(clf.tasks))
@@ -567,7 +566,7 @@ async def build(cfg: GatewayConfig, *, backend_url: str | None = None, progress=
 
         path = cfg.classifier.path or str(clf_pkg.ensure_default())
         clf = clf_pkg.load(path)
-        clf.predict(["warm up the embedder"])  # load weights now, not on the first user request
+        clf.warm_up()  # load weights now, not on the first user request
 
     log_writer = None
     if cfg.logs.enabled:
