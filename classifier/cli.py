@@ -34,6 +34,9 @@ def add_commands(subparsers) -> None:
     t.add_argument("--encoder-lora", type=Path, default=None,
                    help="reuse a fine-tuned encoder (an encoder_lora.safetensors from an artifact) instead")
     t.add_argument("--finetune-epochs", type=int, default=4, help="encoder fine-tuning epochs (default 4)")
+    t.add_argument("--finetune-layers", type=int, default=None,
+                   help="keep only the encoder's first N transformer layers (1..6; default all 6): less compute per "
+                        "prompt, usually some accuracy lost")
     t.add_argument("--threshold", type=float, default=None, help="fixed abstain threshold in [0,1]; default: chosen on the validation split")
     t.add_argument("--max-misroute", type=float, default=0.02, help="threshold choice: accepted validation misroute rate")
     t.add_argument("--version", default="", help="version folder name; default: UTC timestamp")
@@ -72,7 +75,8 @@ def main_train(args) -> int:
     cfg = TrainConfig(data=data, out=args.out or classifier_dir(), model=model,
                       threshold=args.threshold, max_misroute=args.max_misroute, version=args.version,
                       max_tokens=args.max_tokens, quant=args.quant, encoder=encoder,
-                      encoder_lora=lora, finetune_epochs=args.finetune_epochs)
+                      encoder_lora=lora, finetune_epochs=args.finetune_epochs,
+                      finetune_layers=args.finetune_layers)
     res = train(cfg, log=(lambda *a: print(*a, file=sys.stderr)) if args.json else print)
     if args.json:
         print(json.dumps(res.metadata, indent=2))

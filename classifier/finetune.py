@@ -44,6 +44,9 @@ class FinetuneConfig:
     max_tokens: int = 128  # the artifact's embedding window: train on what prediction will see
     seed: int = 0
     threads: int | None = None  # torch threads while training (None: leave as is)
+    # keep only the first N of the encoder's 6 transformer layers (None: all): fewer layers, less compute per prompt;
+    # the LoRA file records it and `merge_into` cuts the loaded encoder the same way
+    layers: int | None = None
 
     def validate(self) -> None:
         if not 1 <= self.epochs <= 50:
@@ -52,6 +55,8 @@ class FinetuneConfig:
             raise InvalidArgument(f"--finetune-rank must be in [1, 128], got {self.rank}")
         if not 0 < self.lr < 1:
             raise InvalidArgument(f"--finetune-lr must be in (0, 1), got {self.lr}")
+        if self.layers is not None and not 1 <= self.layers <= 6:
+            raise InvalidArgument(f"--finetune-layers must be in [1, 6] (all-MiniLM-L6-v2 has 6), got {self.layers}")
 
 
 def _target_modules(model) -> list[str]:
@@ -98,6 +103,8 @@ def finetune(texts: list[str], labels: list[str], out_file: Path, cfg: FinetuneC
     y = np.array([classes.index(v) for v in labels])
     tok = AutoTokenizer.from_pretrained(str(model_path()))
     model = AutoModel.from_pretrained(str(model_path()))
+    if cfg.layers:
+        keep_layers(model, cfg.layers)
     for p in model.parameters():
         p.requires_grad_(False)
     scale = 2.0  # lora_alpha = 2 * rank
@@ -153,8 +160,10 @@ def finetune(texts: list[str], labels: list[str], out_file: Path, cfg: FinetuneC
     tmp = out_file.with_name(f".{out_file.name}.{os.getpid()}.tmp")
     summary = {"base": MODEL_ID, "rank": cfg.rank, "scale": scale, "epochs": cfg.epochs, "lr": cfg.lr,
                "batch_size": cfg.batch_size, "max_tokens": cfg.max_tokens, "seed": cfg.seed, "examples": len(y),
+               "layers": len(model.encoder.layer),
                "classes": classes, "seconds": round(time.monotonic() - t0, 1), "trained_on": trained_on or {}}
     save_file(tensors, str(tmp), metadata={"base": MODEL_ID, "rank": str(cfg.rank), "scale": str(scale),
+                                            "layers": str(len(model.encoder.layer)),
                                             "summary": json.dumps(summary)})
     os.replace(tmp, out_file)
     return summary
@@ -181,8 +190,16 @@ def _attach(torch, lin, a, b, scale: float, dropout) -> None:
     lin.forward = forward
 
 
+def keep_layers(model, n: int) -> None:
+    """Cut a BERT model to its first `n` transformer layers (a no-op when it has no more than that)."""
+    if n < len(model.encoder.layer):
+        model.encoder.layer = model.encoder.layer[:n]
+        model.config.num_hidden_layers = n
+
+
 def merge_into(model, lora_file: Path) -> None:
-    """Add scale * B @ A of every factor pair in `lora_file` to the matching Linear weight of `model`."""
+    """Add scale * B @ A of every factor pair in `lora_file` to the matching Linear weight of `model` (first cut
+    to the number of layers the encoder was fine-tuned with, when the file records one)."""
     import torch
     from safetensors import safe_open
 
@@ -193,11 +210,14 @@ def merge_into(model, lora_file: Path) -> None:
             meta = f.metadata() or {}
             tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 - safe_open is not a dict
         scale = float(meta["scale"])
+        layers = int(meta.get("layers") or 0)
     except Exception as exc:  # noqa: BLE001 - any read failure is a corrupt file
         raise FailedPrecondition(f"fine-tuned encoder {lora_file} cannot be read ({exc}); retrain the classifier "
                                  "with `specialist-router classifier train`") from None
     if meta.get("base") != MODEL_ID:
         raise FailedPrecondition(f"fine-tuned encoder {lora_file} was trained on {meta.get('base')!r}, not {MODEL_ID}")
+    if layers:
+        keep_layers(model, layers)
     names = {k.rsplit(".", 1)[0] for k in tensors}
     with torch.no_grad():
         for name in sorted(names):

@@ -52,6 +52,7 @@ class TrainConfig:
     finetune_epochs: int = 4
     finetune_lr: float = 5e-4
     finetune_rank: int = 16
+    finetune_layers: int | None = None  # keep the encoder's first N transformer layers (None: all 6)
     version: str = ""  # version name; empty: UTC timestamp
     seed: int = 0
     extra_metadata: dict = field(default_factory=dict)
@@ -84,7 +85,7 @@ class TrainConfig:
         from classifier.finetune import FinetuneConfig
 
         return FinetuneConfig(epochs=self.finetune_epochs, lr=self.finetune_lr, rank=self.finetune_rank,
-                              max_tokens=self.max_tokens, seed=self.seed)
+                              max_tokens=self.max_tokens, seed=self.seed, layers=self.finetune_layers)
 
 
 @dataclass
