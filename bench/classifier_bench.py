@@ -6,8 +6,8 @@ Run: .venv/bin/python bench/classifier_bench.py [--out /tmp/bench-classifier.jso
   encoder precision, `kind@max_tokens[:int8]`):
   this, and only this, is what model selection uses,
 - trains every candidate on the whole seed set (the `classifier train` recipe) into a temp dir and scores it
-  once on classifier/data/heldout_real.jsonl (accuracy, macro-F1, misroute and fallback rates at each
-  artifact's own threshold): reported, never used to choose,
+  once on each held-out real set, classifier/data/heldout_real.jsonl and heldout_real2.jsonl (accuracy,
+  macro-F1, misroute and fallback rates at each artifact's own threshold): reported, never used to choose,
 - single-prompt latency p50/p99 of `Classifier.predict_detailed([text])` for prompts of ~16..512 tokens,
   with torch threads = 1 and = 2, and batch throughput (batches of 32 real prompts), for the `--latency`
   candidates, which take turns prompt by prompt (default: the shipped default with its traced encoder, and
@@ -124,13 +124,15 @@ def quality(tmp: Path, cands) -> dict:
         train_s = time.monotonic() - t0
         clf = classifier.load(tmp / cand)
         clf._embedder = emb_for(qu, _lora(cand), _trace(cand))
-        ex, pred, conf = predict_file(clf, classifier.heldout_path())
-        m = evaluate(ex.labels, pred, conf, clf.tasks, clf.threshold)
-        r = m["routing"]
-        out[cand] = {"accuracy": m["accuracy"], "macro_f1": m["macro_f1"], "threshold": clf.threshold,
-                     "misroute_rate": r["misroute_rate"], "fallback_rate": r["fallback_rate"],
-                     "routed_precision": r["routed_precision"], "n": m["n"], "train_s": round(train_s, 1),
-                     "per_class_f1": {t: round(c["f1"], 3) for t, c in m["per_class"].items()}}
+        out[cand] = {"train_s": round(train_s, 1), "threshold": clf.threshold}
+        for path in classifier.heldout_paths():
+            ex, pred, conf = predict_file(clf, path)
+            m = evaluate(ex.labels, pred, conf, clf.tasks, clf.threshold)
+            r = m["routing"]
+            out[cand][path.name] = {
+                "accuracy": m["accuracy"], "macro_f1": m["macro_f1"], "misroute_rate": r["misroute_rate"],
+                "fallback_rate": r["fallback_rate"], "routed_precision": r["routed_precision"], "n": m["n"],
+                "per_class_f1": {t: round(c["f1"], 3) for t, c in m["per_class"].items()}}
     return out
 
 

@@ -37,7 +37,7 @@ DEFAULT_TASKS = ["code", "math", "writing", "translation", "summarization", "ext
 GENERAL = "general"
 
 __all__ = ["Classifier", "Prediction", "load", "ensure_default", "DEFAULT_TASKS", "GENERAL", "seed_path",
-           "heldout_path", "shipped_encoder_path"]
+           "heldout_path", "heldout_paths", "shipped_encoder_path"]
 
 
 def seed_path() -> Path:
@@ -48,6 +48,12 @@ def seed_path() -> Path:
 def heldout_path() -> Path:
     """Held-out real ShareGPT first turns, labeled by hand; accuracy is reported on these."""
     return Path(__file__).parent / "data" / "heldout_real.jsonl"
+
+
+def heldout_paths() -> list[Path]:
+    """Every held-out real set: `heldout_real.jsonl` (357 prompts, the first one) and `heldout_real2.jsonl`
+    (a larger uniform random sample labeled by other annotators), both from conversations the seed never saw."""
+    return [heldout_path(), Path(__file__).parent / "data" / "heldout_real2.jsonl"]
 
 
 def shipped_encoder_path() -> Path:
