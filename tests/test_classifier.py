@@ -200,13 +200,39 @@ def test_thread_safe_predict(clf):
     assert not errors and all(r == expected for r in results)
 
 
-def test_heldout_accuracy_is_computed(clf):
-    ex, pred, conf = predict_file(clf, classifier.heldout_path())
+@pytest.mark.parametrize("path", classifier.heldout_paths(), ids=lambda p: p.name)
+def test_heldout_accuracy_is_computed(clf, path):
+    ex, pred, conf = predict_file(clf, path)
     assert len(ex.texts) >= 250
     m = evaluate(ex.labels, pred, conf, clf.tasks, clf.threshold)
     assert m["accuracy"] >= 0.5  # sane floor only; the real figure is in docs/bench-classifier.md
     r = m["routing"]
     assert r["routed_to_specialist"] + r["fallback_to_base"] == len(ex.texts)
+
+
+def test_heldout_sets_never_seen_in_training():
+    """No held-out prompt, and no other turn of a held-out conversation, is in the seed set: held-out figures
+    measure prompts from conversations the classifier (and its fine-tuned encoder) never saw."""
+    import re
+
+    def conv(row):  # ShareGPT V3 ids are <conversation>_<part>
+        src = row.get("source", "")
+        return src.split(":", 1)[1].rsplit("_", 1)[0] if src.startswith("sharegpt:") else None
+
+    def norm(text):
+        return re.sub(r"\s+", " ", text.lower()).strip()
+
+    def rows_of(path):  # one JSON object per "\n"-terminated line (texts may hold U+2028 etc.)
+        with path.open(encoding="utf-8") as f:
+            return [json.loads(line) for line in f if line.strip()]
+
+    seed = rows_of(classifier.seed_path())
+    seed_convs, seed_texts = {conv(r) for r in seed} - {None}, {norm(r["text"]) for r in seed}
+    for path in classifier.heldout_paths():
+        rows = rows_of(path)
+        assert all(conv(r) for r in rows), f"{path.name}: every held-out row names its ShareGPT conversation"
+        assert not {conv(r) for r in rows} & seed_convs, f"{path.name} shares conversations with the seed set"
+        assert not {norm(r["text"]) for r in rows} & seed_texts, f"{path.name} shares prompts with the seed set"
 
 
 def test_cli_train_eval_predict(tmp_path, capsys, trained):
@@ -299,6 +325,12 @@ def test_combined_blockwise_proba_matches_sklearn(combined):
     assert np.allclose(c.model.predict_proba(X), c.model.lr_.predict_proba(c.model._design(X)), atol=1e-9)
 
 
+TWO_TASK_ROWS = [(f"Please fix the bug in my {w} function, it throws an exception", "code") for w in
+                 ("python", "java", "rust", "go", "sql", "bash", "kotlin", "ruby")]
+TWO_TASK_ROWS += [(f"Write a short {w} poem about the autumn sea for my friend", "writing") for w in
+                  ("sad", "happy", "long", "funny", "rhyming", "gentle", "dark", "bright")]
+
+
 def test_finetuned_encoder_artifact(tmp_path):
     """`--encoder finetune`: a real LoRA fine-tune of MiniLM on a small labeled set; the factors ship in the
     version folder (fingerprinted), load merged into the encoder, and a tampered file is refused."""
@@ -306,12 +338,8 @@ def test_finetuned_encoder_artifact(tmp_path):
 
     from classifier.embed import shared
 
-    rows = [(f"Please fix the bug in my {w} function, it throws an exception", "code") for w in
-            ("python", "java", "rust", "go", "sql", "bash", "kotlin", "ruby")]
-    rows += [(f"Write a short {w} poem about the autumn sea for my friend", "writing") for w in
-             ("sad", "happy", "long", "funny", "rhyming", "gentle", "dark", "bright")]
     data = tmp_path / "two.jsonl"
-    data.write_text("".join(json.dumps({"text": t, "label": l}) + "\n" for t, l in rows))
+    data.write_text("".join(json.dumps({"text": t, "label": l}) + "\n" for t, l in TWO_TASK_ROWS))
     logs = []
     cfg = TrainConfig(data=data, out=tmp_path / "art", model="embed", encoder="finetune", finetune_epochs=2,
                       max_tokens=32, val_fraction=0.25, version="f1")
@@ -349,6 +377,26 @@ def test_finetuned_encoder_artifact(tmp_path):
         classifier.load(res.path)
     with pytest.raises(InvalidArgument, match="--encoder"):
         TrainConfig(data=data, out=tmp_path, encoder="bert-large").validate()
+
+
+def test_finetune_fewer_layers(tmp_path):
+    """`--finetune-layers N`: the encoder is cut to its first N transformer layers for the fine-tune; the LoRA
+    file records N and every later load cuts the encoder the same way (traced and eager alike)."""
+    import numpy as np
+
+    from classifier.embed import Embedder
+    from classifier.finetune import FinetuneConfig, finetune, read_summary
+
+    lora = tmp_path / "l3.safetensors"
+    texts, labels = [t for t, _ in TWO_TASK_ROWS], [v for _, v in TWO_TASK_ROWS]
+    summary = finetune(texts, labels, lora, FinetuneConfig(epochs=1, layers=3, max_tokens=32), log=lambda *a: None)
+    assert summary["layers"] == 3 and read_summary(lora)["layers"] == 3
+    traced, eager = Embedder(lora=lora, max_tokens=32), Embedder(lora=lora, max_tokens=32, trace=False)
+    assert len(traced.model.encoder.layer) == len(eager.model.encoder.layer) == 3
+    a, b = traced.encode(texts[:3])[0], eager.encode(texts[:3])[0]
+    assert np.allclose(a, b, atol=1e-5) and np.allclose(np.linalg.norm(a, axis=1), 1.0, atol=1e-5)
+    with pytest.raises(InvalidArgument, match="--finetune-layers"):
+        FinetuneConfig(layers=7).validate()
 
 
 @pytest.mark.parametrize("text", [
