@@ -62,7 +62,7 @@ def shipped_encoder_path() -> Path:
 
 
 def ensure_default() -> Path:
-    """Build the default artifact (`embed`: logistic regression on the embeddings of the first 128 wordpieces
+    """Build the default artifact (`embed`: logistic regression on the embeddings of the first 96 wordpieces
     by MiniLM fine-tuned on the seed set, the shipped `seed.encoder_lora.safetensors`) if absent.
 
     Idempotent: returns the current version's folder when it exists, verifies and matches this release's seed

@@ -43,7 +43,7 @@ class TrainConfig:
     min_threshold: float = 0.5  # never choose a threshold below this
     val_fraction: float = 0.25  # stratified validation split
     C: float | None = None  # inverse regularization of the logistic regression; None: the kind's default
-    max_tokens: int = 128  # embedding window: only the first N wordpieces of a prompt are embedded
+    max_tokens: int = 96  # embedding window (embed.DEFAULT_MAX_TOKENS): only the first N wordpieces are embedded
     quant: str = "int8"  # encoder precision: int8 (dynamic quantization, ~3x faster on CPU) | none (float32)
     # encoder: "finetune" = fine-tune MiniLM (LoRA) on the training split first (classifier.finetune);
     # "base" = the stock sentence encoder

@@ -11,6 +11,7 @@ from conftest import write_ops_data
 
 import classifier
 from classifier import artifact
+from classifier.embed import DEFAULT_MAX_TOKENS
 from classifier.metrics import evaluate
 from classifier.train import TrainConfig, predict_file, train
 from router.errors import FailedPrecondition, InvalidArgument
@@ -280,19 +281,33 @@ def combined(tmp_path_factory, embedder):
 
 
 def test_combined_model(combined, embedder):
-    """The combined kind: TF-IDF + fine-tuned embeddings of the first 128 wordpieces."""
+    """The combined kind: TF-IDF + fine-tuned embeddings of the first 96 wordpieces (the default window)."""
     res, c = combined
     meta = res.metadata
-    assert meta["kind"] == "combined" and meta["max_tokens"] == 128
+    assert meta["kind"] == "combined" and meta["max_tokens"] == DEFAULT_MAX_TOKENS == 96
     assert meta["embedding_model"] == "sentence-transformers/all-MiniLM-L6-v2"
     assert meta["embedding_quant"] == "int8"
     assert meta["encoder"]["finetuned"] and meta["files"]["encoder_lora.safetensors"] == meta["encoder"]["sha256"]
-    assert c.max_tokens == 128 and c.quant == "int8" and c.lora == res.path / "encoder_lora.safetensors"
+    assert c.max_tokens == 96 and c.quant == "int8" and c.lora == res.path / "encoder_lora.safetensors"
     assert [t for t, _ in c.predict([t for t, _ in HARD_CASES])] == [task for _, task in HARD_CASES]
     long = "Please summarize the following report. " + "Revenue grew in all regions this quarter. " * 30
     p = c.predict_detailed([long, "Write a haiku about rain."])
-    assert p[0].truncated and not p[1].truncated  # ~250 wordpieces: over the 128 window
+    assert p[0].truncated and not p[1].truncated  # ~250 wordpieces: over the 96 window
     assert abs(sum(p[0].scores.values()) - 1.0) < 1e-5
+
+
+def test_window_defaults_agree():
+    """Training, the encoder fine-tune, the CLI and prediction all default to the same embedding window."""
+    import argparse
+
+    from classifier.cli import add_commands
+    from classifier.finetune import FinetuneConfig
+
+    p = argparse.ArgumentParser()
+    add_commands(p.add_subparsers())
+    args = p.parse_args(["classifier", "train"])
+    assert TrainConfig(data=None, out=None).max_tokens == FinetuneConfig().max_tokens == DEFAULT_MAX_TOKENS
+    assert args.max_tokens == DEFAULT_MAX_TOKENS
 
 
 def test_embedding_window(embedder):
