@@ -214,7 +214,8 @@ def render_paired(res: dict) -> str:
     return "\n".join(lines)
 
 
-def start_gateway(url: str, model: str, port: int, *, classifier: bool, logs: bool, data_dir: Path) -> subprocess.Popen:
+def start_gateway(url: str, model: str, port: int, *, classifier: bool, logs: bool, data_dir: Path,
+                  classifier_threads: int | None = None) -> subprocess.Popen:
     cmd = [sys.executable, "-m", "router.cli", "serve", "--backend-url", url, "--model", model, "--port", str(port),
            "--log-level", "WARNING"]
     if not classifier:
@@ -222,6 +223,8 @@ def start_gateway(url: str, model: str, port: int, *, classifier: bool, logs: bo
     if not logs:
         cmd.append("--no-logs")
     env = dict(os.environ, SPECIALIST_ROUTER__LOGS__PATH=str(data_dir / f"bench-logs-{port}.sqlite3"))
+    if classifier_threads is not None:
+        env["SPECIALIST_ROUTER__CLASSIFIER__THREADS"] = str(classifier_threads)
     return subprocess.Popen(cmd, env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 
@@ -309,7 +312,12 @@ async def bench(args) -> dict:
         url = managed.url
     variants = {"gateway": dict(classifier=False, logs=False)}
     if args.classifier:
-        variants["gateway+classifier"] = dict(classifier=True, logs=False)
+        threads = [int(t) for t in str(getattr(args, "classifier_threads", "") or "").split(",") if t.strip()]
+        if not threads:
+            variants["gateway+classifier"] = dict(classifier=True, logs=False)
+        for t in threads:
+            variants[f"gateway+classifier({t} thread{'s' if t != 1 else ''})"] = dict(
+                classifier=True, logs=False, classifier_threads=t)
     if args.logs:
         variants["gateway+logs"] = dict(classifier=False, logs=True)
     procs, targets = [], {}

@@ -172,6 +172,9 @@ def add_commands(sub) -> None:
     p.add_argument("--max-tokens", type=int, default=64)
     p.add_argument("--rounds", type=int, default=2, help="interleaved rounds (gateway, direct, gateway, direct, ...)")
     p.add_argument("--classifier", action="store_true", help="also measure with the classifier on")
+    p.add_argument("--classifier-threads", default="", metavar="LIST",
+                   help="with --classifier: one classifier variant per comma-separated torch thread count "
+                        "(classifier.threads), e.g. 1,2; default: one variant with the config's setting")
     p.add_argument("--logs", action="store_true", help="also measure with conversation logging on")
     p.add_argument("--json-out", help="write the figures as JSON here")
     p.set_defaults(func=bench_gateway_main)

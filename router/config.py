@@ -79,6 +79,9 @@ class ClassifierConfig:
     enabled: bool = _f(True, "Classify every request; off sends everything to the base model unless overridden.")
     path: str = _f("", "Artifact folder; empty: the default artifact under <data dir>/classifier (built if absent).")
     threshold: float = _f(-1.0, "Abstain threshold override; negative keeps the artifact's own threshold.")
+    threads: int = _f(0, "torch threads per classification (torch.set_num_threads in each of the gateway's two "
+                        "classify threads); 0 keeps torch's default (one per core). Set it when vLLM shares the "
+                        "cores: the classifier's threads then compete with vLLM's.")
 
 
 @dataclass
@@ -110,6 +113,8 @@ class GatewayConfig:
             raise ConfigError("backend.max_lora_rank must be one of 8, 16, 32, 64, 128, 256, 320, 512 (vLLM's choices)")
         if self.default_max_tokens < 1:
             raise ConfigError("default_max_tokens must be >= 1")
+        if self.classifier.threads < 0:
+            raise ConfigError(f"classifier.threads must be >= 0 (0: torch's default), got {self.classifier.threads}")
         if self.logs.pii not in ("off", "mask"):
             raise ConfigError(f"logs.pii must be 'off' or 'mask', got {self.logs.pii!r}")
         return self

@@ -40,6 +40,15 @@ LOG_HEALTH_SERVICE = "router.v1.ConversationLog"
 SERVICES = ("router.v1.RouterService", "router.v1.AdminService")
 
 
+def _torch_threads(n: int) -> None:
+    """Classify-pool thread initializer: torch's intra-op thread count (classifier.threads; 0 keeps the default).
+    Set in each worker, because OpenMP keeps the setting per calling thread."""
+    if n:
+        import torch
+
+        torch.set_num_threads(n)
+
+
 def last_user_text(messages: list[dict]) -> str:
     for m in reversed(messages):
         if m["role"] == "user" and m["content"].strip():
@@ -67,7 +76,8 @@ class Gateway:
         self.in_flight = 0
         self.log_failures = 0
         self._bg: set[asyncio.Task] = set()
-        self._cls_pool = concurrent.futures.ThreadPoolExecutor(max_workers=2, thread_name_prefix="classify")
+        self._cls_pool = concurrent.futures.ThreadPoolExecutor(
+            max_workers=2, thread_name_prefix="classify", initializer=_torch_threads, initargs=(cfg.classifier.threads,))
         self._lora_lock = asyncio.Lock()
 
     # --------------------------------------------------------------------------- health

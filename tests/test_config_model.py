@@ -28,6 +28,7 @@ def test_config_precedence_defaults_file_env_flags(tmp_path, monkeypatch):
     ("backend: {mode: external}\n", "backend.url"),
     ("backend: {max_lora_rank: 7}\n", "max_lora_rank"),
     ("port: abc\n", "cannot read 'abc'"),
+    ("classifier: {threads: -1}\n", "classifier.threads must be >= 0"),
     ("[1, 2]\n", "mapping"),
 ])
 def test_bad_config_says_what_to_fix(tmp_path, text, fragment):

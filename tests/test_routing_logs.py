@@ -25,7 +25,8 @@ def routed_gateway(gateway_factory, model_dir, tmp_path_factory):
     from lora_fixtures import make_lora
 
     d = tmp_path_factory.mktemp("routing")
-    gw = gateway_factory({"classifier": {"enabled": True}, "logs": {"enabled": True, "path": str(d / "logs.sqlite3")},
+    gw = gateway_factory({"classifier": {"enabled": True, "threads": 1},
+                          "logs": {"enabled": True, "path": str(d / "logs.sqlite3")},
                           "task_adapters": {"code": "code-static"}})
     path = make_lora(model_dir, d / "code-lora", seed=7)
     with Client(gw.target, timeout=300) as c:
@@ -41,6 +42,10 @@ def test_code_prompt_goes_to_code_specialist(routed_gateway):
         r = c.generate(CODE_PROMPT, max_tokens=8, temperature=0)
         assert r.route.task == "code" and r.route.reason == "specialist" and r.adapter == "code-static"
         assert r.timings.classify_ms > 0
+    import torch
+
+    # classifier.threads=1 holds in the threads that classify (the test process's own setting is untouched)
+    assert routed_gateway.gateway._cls_pool.submit(torch.get_num_threads).result() == 1
 
 
 def test_general_and_low_confidence_go_to_base(routed_gateway):
