@@ -79,9 +79,10 @@ class ClassifierConfig:
     enabled: bool = _f(True, "Classify every request; off sends everything to the base model unless overridden.")
     path: str = _f("", "Artifact folder; empty: the default artifact under <data dir>/classifier (built if absent).")
     threshold: float = _f(-1.0, "Abstain threshold override; negative keeps the artifact's own threshold.")
-    threads: int = _f(0, "torch threads per classification (torch.set_num_threads in each of the gateway's two "
-                        "classify threads); 0 keeps torch's default (one per core). Set it when vLLM shares the "
-                        "cores: the classifier's threads then compete with vLLM's.")
+    threads: int = _f(1, "torch threads per classification (torch.set_num_threads in each of the gateway's two "
+                        "classify threads); 0 keeps torch's default (one per core). 1 suits a host whose cores vLLM "
+                        "shares (added TTFT 8.4-8.6 ms vs 10.0-10.3 with 2 threads on 2 cores, docs/benchmarks.md); "
+                        "raise it on a many-core host with vLLM on a GPU.")
 
 
 @dataclass
