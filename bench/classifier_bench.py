@@ -40,7 +40,9 @@ def _split(cand: str) -> tuple[str, int, str]:
     head, *opts = cand.split(":")
     kind, _, mt = head.partition("@")
     quant = [o for o in opts if o in ("none", "int8")]
-    return kind, int(mt or 128), quant[0] if quant else "none"  # no @N: 128 (the window of the earlier runs)
+    from classifier.embed import DEFAULT_MAX_TOKENS
+
+    return kind, int(mt or DEFAULT_MAX_TOKENS), quant[0] if quant else "none"
 
 
 def _lora(cand: str):
