@@ -23,8 +23,10 @@ def add_commands(subparsers) -> None:
                    help="embed: logistic regression on the MiniLM embeddings (default with a fine-tuned encoder); "
                         "combined: TF-IDF word+char n-grams stacked with the embeddings (default with --encoder base); "
                         "tfidf: TF-IDF only; auto: the best on the validation split")
-    t.add_argument("--max-tokens", type=int, default=96,
-                   help="embed only the first N wordpieces of each prompt (8..256; default 96)")
+    from classifier.embed import DEFAULT_MAX_TOKENS
+
+    t.add_argument("--max-tokens", type=int, default=DEFAULT_MAX_TOKENS,
+                   help=f"embed only the first N wordpieces of each prompt (8..256; default {DEFAULT_MAX_TOKENS})")
     t.add_argument("--quant", choices=("int8", "none"), default="int8",
                    help="encoder precision: int8 dynamic quantization (default, ~3x faster on CPU) or none (float32)")
     t.add_argument("--encoder", choices=("finetune", "base"), default=None,

@@ -28,6 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
+from classifier.embed import DEFAULT_MAX_TOKENS
 from router.errors import FailedPrecondition, InvalidArgument
 
 TARGETS = ("attention.self.query", "attention.self.key", "attention.self.value", "attention.output.dense",
@@ -41,7 +42,7 @@ class FinetuneConfig:
     lr: float = 5e-4  # LoRA factors; the softmax head uses 2e-3
     rank: int = 16
     batch_size: int = 16
-    max_tokens: int = 96  # the artifact's embedding window (embed.DEFAULT_MAX_TOKENS): train on what prediction sees
+    max_tokens: int = DEFAULT_MAX_TOKENS  # the artifact's embedding window: train on what prediction sees
     seed: int = 0
     threads: int | None = None  # torch threads while training (None: leave as is)
     # keep only the first N of the encoder's 6 transformer layers (None: all): fewer layers, less compute per prompt;

@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 
 # LORA_FILE: a fine-tuned encoder's file name in a version folder
+from classifier.embed import DEFAULT_MAX_TOKENS
 from classifier.finetune import LORA_FILE
 from router.errors import InvalidArgument
 
@@ -43,7 +44,7 @@ class TrainConfig:
     min_threshold: float = 0.5  # never choose a threshold below this
     val_fraction: float = 0.25  # stratified validation split
     C: float | None = None  # inverse regularization of the logistic regression; None: the kind's default
-    max_tokens: int = 96  # embedding window (embed.DEFAULT_MAX_TOKENS): only the first N wordpieces are embedded
+    max_tokens: int = DEFAULT_MAX_TOKENS  # embedding window: only the first N wordpieces of a prompt are embedded
     quant: str = "int8"  # encoder precision: int8 (dynamic quantization, ~3x faster on CPU) | none (float32)
     # encoder: "finetune" = fine-tune MiniLM (LoRA) on the training split first (classifier.finetune);
     # "base" = the stock sentence encoder
