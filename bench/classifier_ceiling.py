@@ -12,7 +12,8 @@ Run: .venv/bin/python bench/classifier_ceiling.py [--folds 2] [--work /tmp/ceili
    scored on the same rows, so the difference is what in-distribution labeled data buys.
 
 This is an experiment on the held-out set, so nothing here chooses a shipped model: it answers whether labeling
-more real traffic would move the accuracy goal. Fine-tuned encoders are cached in `--work`.
+more real traffic would move the accuracy goal. Fine-tuned encoders are cached in `--work`
+(`seed-only.safetensors`, `fold<k>of<K>.safetensors`); delete them to fine-tune again.
 """
 from __future__ import annotations
 
@@ -110,7 +111,7 @@ def encoders(seed, held, folds, work: Path) -> dict:
            "folds": []}
     pred = np.empty(len(y2), dtype=object)
     for k, (tr, te) in enumerate(folds):
-        f = fit(f"fold{k}", list(seed.texts) + [h2.texts[i] for i in tr], list(seed.labels) + [h2.labels[i] for i in tr])
+        f = fit(f"fold{k}of{len(folds)}", list(seed.texts) + [h2.texts[i] for i in tr], list(seed.labels) + [h2.labels[i] for i in tr])
         pred[te] = f([h2.texts[i] for i in te])
         row = {"fold": k, "rows": int(len(te)), "with_heldout2_rows": _score(y2[te], pred[te].astype(str)),
                "seed_only": _score(y2[te], ref2[te]), "heldout_real": _score(h1.labels, f(h1.texts))}
