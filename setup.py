@@ -23,8 +23,8 @@ def _find_script(name: str) -> str | None:
 
 
 def generate_stubs() -> None:
-    from grpc_tools import protoc  # build requirement (pyproject [build-system])
     import grpc_tools
+    from grpc_tools import protoc  # build requirement (pyproject [build-system])
 
     protos = sorted(str(p.relative_to(ROOT / "proto")) for p in (ROOT / "proto").rglob("*.proto"))
     include = str(Path(grpc_tools.__file__).parent / "_proto")

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import contextlib
 import datetime as _dt
-import fcntl
 import getpass
 import json
 import os
@@ -28,9 +27,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from adapters.validation import (
-    CONFIG_FILE, MANIFEST_FILE, check_task_name, default_servable_modules, check_version, safe_join, sha256_file, validate_adapter,
+    CONFIG_FILE,
+    MANIFEST_FILE,
+    check_task_name,
+    check_version,
+    default_servable_modules,
+    safe_join,
+    validate_adapter,
 )
-from router.errors import FailedPrecondition, InvalidArgument, NotFound
+from core import paths
+from core.errors import FailedPrecondition, InvalidArgument, NotFound
+from core.files import atomic_write_text, file_lock, is_leftover_tmp, publish_dir, sha256_file
 
 ALIASES = ("production", "candidate")
 ALIASES_FILE = "aliases.json"
@@ -75,19 +82,6 @@ def _now() -> str:
     return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
-def _fsync_path(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
 def _sweep_leftovers(task_dir: Path) -> None:
     """Remove what a process that crashed mid-write left in a task folder: `.tmp-*` version copies and
     `.<file>.*.tmp` files of atomic_write_text. Call only under the task's lock: every writer of these holds it,
@@ -97,46 +91,16 @@ def _sweep_leftovers(task_dir: Path) -> None:
     for p in task_dir.iterdir():
         if p.name.startswith(".tmp-") and p.is_dir() and not p.is_symlink():
             shutil.rmtree(p, ignore_errors=True)
-        elif p.name.startswith(".") and p.name.endswith(".tmp") and p.is_file():
+        elif is_leftover_tmp(p.name) and p.is_file():
             with contextlib.suppress(OSError):
                 p.unlink()
 
 
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write via tmp file + fsync + os.replace + fsync(dir): readers see the old or the new file, never half."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as fh:
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-    _fsync_path(path.parent)
-
-
-@contextlib.contextmanager
-def _flock(path: Path):
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        yield
-    finally:
-        os.close(fd)  # closing releases the lock (also when the process dies)
-
-
 class Registry:
-    """Adapter registry rooted at `root` (default `router.paths.registry_dir()`). Safe across processes."""
+    """Adapter registry rooted at `root` (default `core.paths.registry_dir()`). Safe across processes."""
 
     def __init__(self, root: str | os.PathLike | None = None):
         if root is None:
-            from router import paths
-
             root = paths.registry_dir()
         self.root = Path(root).expanduser().absolute()
 
@@ -152,7 +116,7 @@ class Registry:
 
     def lock(self, task: str):
         """Exclusive cross-process lock on one task (register and alias moves take it)."""
-        return _flock(self._task_dir(task) / LOCK_FILE)
+        return file_lock(self._task_dir(task) / LOCK_FILE)
 
     # ------------------------------------------------------------------------------------------ reads
     def tasks(self) -> list[str]:
@@ -330,12 +294,8 @@ class Registry:
                     "files": files,
                 }
                 (tmp / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
-                for p in tmp.iterdir():
-                    _fsync_path(p)
                 os.chmod(tmp, 0o755)
-                _fsync_path(tmp)
-                os.rename(tmp, task_dir / version)  # atomic: the version appears complete or not at all
-                _fsync_path(task_dir)
+                publish_dir(tmp, task_dir / version)  # atomic: the version appears complete or not at all
             finally:
                 if tmp.exists():
                     shutil.rmtree(tmp, ignore_errors=True)
@@ -371,7 +331,7 @@ class Registry:
 
     def _bump_generation(self) -> int:
         self.root.mkdir(parents=True, exist_ok=True)
-        with _flock(self.root / LOCK_FILE):
+        with file_lock(self.root / LOCK_FILE):
             gen = self.generation() + 1
             atomic_write_text(self.root / GENERATION_FILE, f"{gen}\n")
         return gen

@@ -20,7 +20,9 @@ import re
 import struct
 from pathlib import Path
 
-from router.errors import FailedPrecondition, InvalidArgument
+from safetensors import safe_open
+
+from core.errors import FailedPrecondition, InvalidArgument
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
@@ -84,7 +86,7 @@ def safe_join(root: Path, *parts: str) -> Path:
 
 # ----------------------------------------------------------------------------------------------- files
 
-from router.model import sha256_file  # noqa: E402  (one implementation, re-exported for the registry)
+from core.files import sha256_file  # noqa: E402  (one implementation, re-exported for the registry)
 
 
 def read_adapter_config(path: Path) -> dict:
@@ -144,8 +146,6 @@ def read_safetensors_header(path: Path) -> dict:
                     f"header gives {end - begin}: {fix}")
     # Then open it with the library the engine uses; it checks what we did not (overlaps, gaps).
     try:
-        from safetensors import safe_open
-
         with safe_open(str(path), framework="numpy") as f:
             f.keys()
     except Exception as exc:  # SafetensorError is not exported consistently across versions

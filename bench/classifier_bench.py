@@ -115,14 +115,14 @@ def cross_validation(cands, folds: int = 5, seed: int = 0) -> dict:
 def quality(tmp: Path, cands) -> dict:
     import classifier
     from classifier.metrics import evaluate
-    from classifier.train import TrainConfig, predict_file, train
+    from classifier.train import ClassifierTrainConfig, predict_file, train
 
     out = {}
     for cand in cands:
         kind, mt, qu = _split(cand)
         t0 = time.monotonic()
-        train(TrainConfig(data=classifier.seed_path(), out=tmp / cand, model=kind, max_tokens=mt, quant=qu,
-                          encoder_lora=_lora(cand)), embedder=emb_for(qu, _lora(cand), _trace(cand)), log=lambda *a: None)
+        train(ClassifierTrainConfig(data=classifier.seed_path(), out=tmp / cand, model=kind, max_tokens=mt, quant=qu,
+                          encoder_lora=_lora(cand), encoder="auto" if _lora(cand) else "base"), embedder=emb_for(qu, _lora(cand), _trace(cand)), log=lambda *a: None)
         train_s = time.monotonic() - t0
         clf = classifier.load(tmp / cand)
         clf._embedder = emb_for(qu, _lora(cand), _trace(cand))
@@ -205,7 +205,7 @@ def main() -> int:
     import torch
 
     import classifier
-    from router.sharegpt import first_turn_prompts
+    from convlog.sharegpt import first_turn_prompts
 
     torch.set_num_threads(2)
     cv = cross_validation(cands)

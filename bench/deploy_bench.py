@@ -36,13 +36,13 @@ def pct(xs, q):
 
 async def main(args) -> dict:
     import grpc
+    from gateway_bench import start_gateway, wait_gateway
+    from lora_fixtures import make_lora
 
     from adapters.registry import Registry
-    from lora_fixtures import make_lora
-    from router.bench import start_gateway, wait_gateway
+    from basemodel import fingerprint, prepare
     from router.config import BackendConfig
     from router.managed import ManagedVLLM, free_port
-    from router.model import fingerprint, prepare
     from router.v1 import router_pb2 as pb
     from router.v1 import router_pb2_grpc as pbg
 

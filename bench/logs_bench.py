@@ -26,10 +26,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from router.logs.sharegpt_import import conversation_to_record, import_sharegpt, load_classifier  # noqa: E402
-from router.logs.store import SQLiteLogStore, open_store  # noqa: E402
-from router.logs.writer import AsyncLogWriter  # noqa: E402
-from router.sharegpt import iter_conversations  # noqa: E402
+from cli.logs import load_classifier  # noqa: E402
+from convlog.sharegpt import iter_conversations  # noqa: E402
+from convlog.sharegpt_import import conversation_to_record, import_sharegpt  # noqa: E402
+from convlog.store import SQLiteLogStore, open_store  # noqa: E402
+from convlog.writer import AsyncLogWriter  # noqa: E402
 
 
 def pct(xs: list[float], q: float) -> float:

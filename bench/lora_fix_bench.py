@@ -11,7 +11,7 @@ once with the plugin disabled (SPECIALIST_ROUTER_DISABLE_LORA_FIX=1) and once wi
 Usage (from the repo root):
     .venv/bin/python bench/lora_fix_bench.py [--rounds 3] [--max-tokens 64] [--json out.json]
 
-Needs the base model (`python -c "from router.model import prepare; prepare()"`) and peft; builds 4
+Needs the base model (`python -c "from basemodel import prepare; prepare()"`) and peft; builds 4
 random adapters with tests/lora_fixtures.make_lora. ~5 GB RAM per server; one server at a time.
 """
 from __future__ import annotations
@@ -165,7 +165,8 @@ def main() -> int:
     args = ap.parse_args()
 
     from lora_fixtures import make_lora
-    from router.model import prepare
+
+    from basemodel import prepare
 
     model_dir = Path(prepare())
     adir = args.adapters_dir or Path(tempfile.gettempdir()) / "specialist-router-bench-loras"

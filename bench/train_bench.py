@@ -37,7 +37,7 @@ def main() -> int:
     apply_device(cfg.device)
     from transformers import AutoTokenizer, TrainerCallback
 
-    from router import model
+    import basemodel as model
     from training.backends import TrainJob, select_backend
     from training.format import tokenize_row
 

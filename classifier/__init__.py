@@ -23,42 +23,31 @@ Public API (the contract the gateway uses):
     clf.predict(["fix this SQL ..."])       # -> [("code", 0.97)]
     clf.predict_detailed(texts)             # -> [Prediction(task, confidence, abstained, scores, truncated)]
     classifier.ensure_default()             # builds the default artifact from the seed set if absent
+    clf.warm_up()                           # loads its encoder now; returns the encoders it uses
+    classifier.retain_encoders(*encoders)   # releases shared encoders no longer used (after a hot swap)
 
 Operators can train their own task set from labeled JSONL (`{"text": ..., "label": ...}` per line) with
 `specialist-router classifier train --data my.jsonl`; see docs/classifier.md.
 """
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
+from classifier import artifact
 from classifier.artifact import Classifier, Prediction, load
+from classifier.dataset import heldout_path, heldout_paths, seed_path, shipped_encoder_path
+from classifier.embed import retain as retain_encoders
+from classifier.train import ClassifierTrainConfig, train
+from core.errors import FailedPrecondition
+from core.files import sha256_file
+from core.paths import classifier_dir
 
 DEFAULT_TASKS = ["code", "math", "writing", "translation", "summarization", "extraction", "general"]
 GENERAL = "general"
 
-__all__ = ["Classifier", "Prediction", "load", "ensure_default", "DEFAULT_TASKS", "GENERAL", "seed_path",
+__all__ = ["Classifier", "Prediction", "load", "ensure_default", "retain_encoders", "DEFAULT_TASKS", "GENERAL", "seed_path",
            "heldout_path", "heldout_paths", "shipped_encoder_path"]
-
-
-def seed_path() -> Path:
-    """The labeled seed set for the default task set (shipped in the package)."""
-    return Path(__file__).parent / "data" / "seed.jsonl"
-
-
-def heldout_path() -> Path:
-    """Held-out real ShareGPT first turns, labeled by hand; accuracy is reported on these."""
-    return Path(__file__).parent / "data" / "heldout_real.jsonl"
-
-
-def heldout_paths() -> list[Path]:
-    """Every held-out real set: `heldout_real.jsonl` (357 prompts, the first one) and `heldout_real2.jsonl`
-    (a larger uniform random sample labeled by other annotators), both from conversations the seed never saw."""
-    return [heldout_path(), Path(__file__).parent / "data" / "heldout_real2.jsonl"]
-
-
-def shipped_encoder_path() -> Path:
-    """The MiniLM encoder fine-tuned (LoRA) on the seed set's training split (`classifier.finetune`)."""
-    return Path(__file__).parent / "data" / "seed.encoder_lora.safetensors"
 
 
 def ensure_default() -> Path:
@@ -69,11 +58,6 @@ def ensure_default() -> Path:
     and recipe; otherwise trains (a few seconds: the seed embeddings are shipped in `seed.jsonl.embeddings.npz`
     and recomputed only when they do not match the seed file and encoder) and points `current` at it.
     """
-    from router.errors import FailedPrecondition
-    from router.paths import classifier_dir
-
-    from classifier import artifact
-    from classifier.train import TrainConfig, train
 
     root = classifier_dir()
     try:
@@ -89,7 +73,7 @@ def ensure_default() -> Path:
                 return found
         except FailedPrecondition:
             pass
-        return train(TrainConfig(data=seed_path(), out=root, model=DEFAULT_KIND, quant=DEFAULT_QUANT,
+        return train(ClassifierTrainConfig(data=seed_path(), out=root, model=DEFAULT_KIND, quant=DEFAULT_QUANT,
                                  encoder_lora=shipped_encoder_path())).path
 
 
@@ -100,9 +84,6 @@ DEFAULT_QUANT = "int8"
 def _stale_default(version_dir: Path) -> bool:
     """True when the artifact was built from the shipped seed set but not from this release's seed file or
     recipe (a package upgrade): the default is then rebuilt. Artifacts trained on operators' data are kept."""
-    import json
-
-    from classifier.dataset import sha256_file
 
     try:
         meta = json.loads((Path(version_dir) / "metadata.json").read_text())

@@ -3,20 +3,24 @@
 `metadata.json` records the format version, tasks, threshold, model kind, embedding model id, metrics,
 the sha256 of the training JSONL (data fingerprint), created_at and the sha256 of every other file in the
 version folder; `load` verifies them before unpickling anything. `current` names the active version and is
-replaced atomically (write a temp file, `os.replace`).
+replaced atomically and durably (`core.files.atomic_write_text`).
 """
 from __future__ import annotations
 
-import contextlib
 import json
 import os
+import shutil
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from router.errors import FailedPrecondition, InvalidArgument
+from classifier.combined import TextsAndEmbeddings
+from classifier.embed import shared
+from core.errors import FailedPrecondition, InvalidArgument
+from core.files import atomic_write_text, file_lock, publish_dir, sha256_file
+from core.paths import classifier_dir
 
 FORMAT_VERSION = 1
 MODEL_FILE = "model.joblib"
@@ -52,23 +56,12 @@ def resolve(root: str | Path) -> Path:
 
 
 def set_current(root: Path, version: str) -> None:
-    tmp = root / f".{CURRENT_FILE}.{os.getpid()}.tmp"
-    tmp.write_text(version + "\n", encoding="utf-8")
-    os.replace(tmp, root / CURRENT_FILE)
+    atomic_write_text(root / CURRENT_FILE, version + "\n")
 
 
-@contextlib.contextmanager
 def build_lock(root: Path):
     """Inter-process lock while building the default artifact (flock on `<root>/.lock`)."""
-    import fcntl
-
-    root.mkdir(parents=True, exist_ok=True)
-    with open(root / ".lock", "w") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
+    return file_lock(Path(root) / ".lock")
 
 
 def write_version(root: Path, version: str, model: object, metadata: dict,
@@ -77,11 +70,9 @@ def write_version(root: Path, version: str, model: object, metadata: dict,
 
     `extra_files` ({name in the folder: source path}) are copied in and fingerprinted like the model.
     """
-    import shutil
 
+    # lazy: joblib costs ~0.2 s to import; only artifact reads and writes need it
     import joblib
-
-    from classifier.dataset import sha256_file
 
     root.mkdir(parents=True, exist_ok=True)
     final = root / version
@@ -98,7 +89,7 @@ def write_version(root: Path, version: str, model: object, metadata: dict,
         shutil.copyfile(src, tmp / name)
         meta["files"][name] = sha256_file(tmp / name)
     (tmp / METADATA_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-    os.replace(tmp, final)
+    publish_dir(tmp, final)
     set_current(root, version)
     return final
 
@@ -122,11 +113,7 @@ def _read_metadata(path: Path) -> dict:
 
 def load(path: str | Path | None = None) -> "Classifier":
     """Load an artifact: None = the default dir's current version; a dir with `current`; or a version dir."""
-    from classifier.dataset import sha256_file
-
     if path is None:
-        from router.paths import classifier_dir
-
         path = classifier_dir()
     vpath = resolve(path)
     meta = _read_metadata(vpath)
@@ -141,6 +128,7 @@ def load(path: str | Path | None = None) -> "Classifier":
     if enc.get("finetuned") and enc.get("file") not in meta["files"]:
         raise FailedPrecondition(f"{vpath / METADATA_FILE} names a fine-tuned encoder {enc.get('file')!r} that is not "
                                  f"among its files: {FIX}")
+    # lazy: joblib costs ~0.2 s to import; only artifact reads and writes need it
     import joblib
 
     try:
@@ -180,8 +168,6 @@ class Classifier:
         if self._embedder is None:
             with self._embedder_lock:
                 if self._embedder is None:
-                    from classifier.embed import shared
-
                     self._embedder = shared(self.quant, self.lora)
         return self._embedder
 
@@ -189,8 +175,6 @@ class Classifier:
         if self.kind == "embed":
             return self.embedder.encode(texts, max_tokens=self.max_tokens)
         if self.kind == "combined":
-            from classifier.combined import TextsAndEmbeddings
-
             emb, truncated = self.embedder.encode(texts, max_tokens=self.max_tokens)
             return TextsAndEmbeddings(list(texts), emb), truncated
         return list(texts), [False] * len(texts)

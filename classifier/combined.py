@@ -36,12 +36,14 @@ class CombinedModel:
         self.seed = seed
 
     def _design(self, X: TextsAndEmbeddings):
+        # lazy: scipy.sparse costs ~0.3 s to import; only the TF-IDF features need it
         from scipy.sparse import csr_matrix, hstack
 
         return hstack([self.word_.transform(X.texts), self.char_.transform(X.texts),
                        csr_matrix(np.asarray(X.emb, dtype=np.float64) * self.emb_weight)]).tocsr()
 
     def fit(self, X: TextsAndEmbeddings, y) -> "CombinedModel":
+        # lazy: scikit-learn costs ~1.5 s to import; only fitting and scoring need it
         from sklearn.feature_extraction.text import TfidfVectorizer
         from sklearn.linear_model import LogisticRegression
 

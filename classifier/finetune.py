@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import random
 import time
 from dataclasses import dataclass
@@ -28,12 +27,21 @@ from pathlib import Path
 
 import numpy as np
 
-from classifier.embed import DEFAULT_MAX_TOKENS
-from router.errors import FailedPrecondition, InvalidArgument
+from classifier.embed import (
+    _CHARS_PER_TOKEN,
+    DEFAULT_MAX_TOKENS,
+    MODEL_ID,
+    check_max_tokens,
+    model_path,
+    sentence_embeddings,
+)
+from classifier.encoder_lora import keep_layers
+from core import envs
+from core.errors import FailedPrecondition, InvalidArgument
+from core.files import atomic_path
 
 TARGETS = ("attention.self.query", "attention.self.key", "attention.self.value", "attention.output.dense",
            "intermediate.dense", "output.dense")
-LORA_FILE = "encoder_lora.safetensors"
 
 
 @dataclass
@@ -61,6 +69,7 @@ class FinetuneConfig:
 
 
 def _target_modules(model) -> list[str]:
+    # lazy: torch costs ~1.6 s to import; only code that runs a model needs it
     import torch
 
     names = [n for n, mod in model.named_modules()
@@ -76,19 +85,11 @@ def finetune(texts: list[str], labels: list[str], out_file: Path, cfg: FinetuneC
 
     `trained_on` (e.g. the data's sha256 and the split) is stored in the summary, so a later `train` that reuses
     the encoder can tell whether its validation rows were held out from the fine-tune."""
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    envs.set_offline_defaults()
+    # lazy: torch costs ~1.6 s to import; only code that runs a model needs it
     import torch
     from safetensors.torch import save_file
     from transformers import AutoModel, AutoTokenizer
-
-    from classifier.embed import (
-        _CHARS_PER_TOKEN,
-        MODEL_ID,
-        check_max_tokens,
-        model_path,
-        sentence_embeddings,
-    )
 
     cfg = cfg or FinetuneConfig()
     cfg.validate()
@@ -158,27 +159,15 @@ def finetune(texts: list[str], labels: list[str], out_file: Path, cfg: FinetuneC
         tensors[f"{name}.lora_B"] = b.detach().to(torch.float16).contiguous()
     out_file = Path(out_file)
     out_file.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_file.with_name(f".{out_file.name}.{os.getpid()}.tmp")
     summary = {"base": MODEL_ID, "rank": cfg.rank, "scale": scale, "epochs": cfg.epochs, "lr": cfg.lr,
                "batch_size": cfg.batch_size, "max_tokens": cfg.max_tokens, "seed": cfg.seed, "examples": len(y),
                "layers": len(model.encoder.layer),
                "classes": classes, "seconds": round(time.monotonic() - t0, 1), "trained_on": trained_on or {}}
-    save_file(tensors, str(tmp), metadata={"base": MODEL_ID, "rank": str(cfg.rank), "scale": str(scale),
-                                            "layers": str(len(model.encoder.layer)),
-                                            "summary": json.dumps(summary)})
-    os.replace(tmp, out_file)
+    with atomic_path(out_file) as tmp:
+        save_file(tensors, str(tmp), metadata={"base": MODEL_ID, "rank": str(cfg.rank), "scale": str(scale),
+                                                "layers": str(len(model.encoder.layer)),
+                                                "summary": json.dumps(summary)})
     return summary
-
-
-def read_summary(lora_file: Path) -> dict:
-    """The training summary stored in a LoRA file's metadata ({} when absent or unreadable)."""
-    from safetensors import safe_open
-
-    try:
-        with safe_open(str(lora_file), framework="pt") as f:
-            return json.loads((f.metadata() or {}).get("summary", "{}"))
-    except Exception:  # noqa: BLE001 - informational only
-        return {}
 
 
 def _attach(torch, lin, a, b, scale: float, dropout) -> None:
@@ -189,43 +178,3 @@ def _attach(torch, lin, a, b, scale: float, dropout) -> None:
         return base_forward(x) + scale * torch.nn.functional.linear(torch.nn.functional.linear(dropout(x), a), b)
 
     lin.forward = forward
-
-
-def keep_layers(model, n: int) -> None:
-    """Cut a BERT model to its first `n` transformer layers (a no-op when it has no more than that)."""
-    if n < len(model.encoder.layer):
-        model.encoder.layer = model.encoder.layer[:n]
-        model.config.num_hidden_layers = n
-
-
-def merge_into(model, lora_file: Path) -> None:
-    """Add scale * B @ A of every factor pair in `lora_file` to the matching Linear weight of `model` (first cut
-    to the number of layers the encoder was fine-tuned with, when the file records one)."""
-    import torch
-    from safetensors import safe_open
-
-    from classifier.embed import MODEL_ID
-
-    try:
-        with safe_open(str(lora_file), framework="pt") as f:
-            meta = f.metadata() or {}
-            tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 - safe_open is not a dict
-        scale = float(meta["scale"])
-        layers = int(meta.get("layers") or 0)
-    except Exception as exc:  # noqa: BLE001 - any read failure is a corrupt file
-        raise FailedPrecondition(f"fine-tuned encoder {lora_file} cannot be read ({exc}); retrain the classifier "
-                                 "with `specialist-router classifier train`") from None
-    if meta.get("base") != MODEL_ID:
-        raise FailedPrecondition(f"fine-tuned encoder {lora_file} was trained on {meta.get('base')!r}, not {MODEL_ID}")
-    if layers:
-        keep_layers(model, layers)
-    names = {k.rsplit(".", 1)[0] for k in tensors}
-    with torch.no_grad():
-        for name in sorted(names):
-            try:
-                lin = model.get_submodule(name)
-                a, b = tensors[f"{name}.lora_A"].float(), tensors[f"{name}.lora_B"].float()
-                lin.weight += scale * (b @ a)
-            except (AttributeError, KeyError, RuntimeError) as exc:
-                raise FailedPrecondition(f"fine-tuned encoder {lora_file} does not fit the encoder at {name} "
-                                         f"({exc}); retrain the classifier") from None

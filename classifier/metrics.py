@@ -33,6 +33,7 @@ def routing(y_true: list[str], y_pred: list[str], conf: np.ndarray, threshold: f
 
 
 def evaluate(y_true: list[str], y_pred: list[str], conf, tasks: list[str], threshold: float) -> dict:
+    # lazy: scikit-learn costs ~1.5 s to import; only fitting and scoring need it
     from sklearn.metrics import accuracy_score, confusion_matrix, f1_score, precision_recall_fscore_support
 
     labels = list(tasks)

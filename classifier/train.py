@@ -8,18 +8,27 @@ all the data; write a new version folder and point `current` at it.
 """
 from __future__ import annotations
 
-import os
+import dataclasses
+import hashlib
+import json
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
 
-# LORA_FILE: a fine-tuned encoder's file name in a version folder
-from classifier.embed import DEFAULT_MAX_TOKENS
-from classifier.finetune import LORA_FILE
-from router.errors import InvalidArgument
+from classifier import artifact
+from classifier.combined import CombinedModel, TextsAndEmbeddings
+from classifier.dataset import load_jsonl, seed_path, shipped_encoder_path
+from classifier.embed import DEFAULT_MAX_TOKENS, MODEL_ID, check_max_tokens, check_quant, encoder_id, shared
+from classifier.encoder_lora import LORA_FILE, read_summary
+from classifier.finetune import FinetuneConfig, finetune
+from classifier.metrics import choose_threshold, evaluate
+from core.config import setting as _s
+from core.errors import InvalidArgument
+from core.files import atomic_path, sha256_file
+from core.paths import classifier_dir
 
 KINDS = ("combined", "embed", "tfidf", "auto")
 ENCODERS = ("base", "finetune")
@@ -33,43 +42,65 @@ COMBINED_EMB_WEIGHT = 1.0
 
 
 @dataclass
-class TrainConfig:
-    """One `classifier train` run."""
+class ClassifierTrainConfig:
+    """One `classifier train` run (CLI flags, YAML keys and `SPECIALIST_ROUTER_CLASSIFIER__*` come from here)."""
 
-    data: Path  # labeled JSONL ({"text","label"} per line)
-    out: Path  # artifact root: a new `<out>/<version>/` is written and `<out>/current` points at it
-    model: str = "auto"  # combined | embed | tfidf | auto (pick by validation macro-F1)
-    threshold: float | None = None  # fixed abstain threshold; None: choose on the validation split
-    max_misroute: float = 0.02  # threshold choice: largest accepted misroute rate on the validation split
-    min_threshold: float = 0.5  # never choose a threshold below this
-    val_fraction: float = 0.25  # stratified validation split
-    C: float | None = None  # inverse regularization of the logistic regression; None: the kind's default
-    max_tokens: int = DEFAULT_MAX_TOKENS  # embedding window: only the first N wordpieces of a prompt are embedded
-    quant: str = "int8"  # encoder precision: int8 (dynamic quantization, ~3x faster on CPU) | none (float32)
-    # encoder: "finetune" = fine-tune MiniLM (LoRA) on the training split first (classifier.finetune);
-    # "base" = the stock sentence encoder
-    encoder: str = "base"
-    encoder_lora: Path | None = None  # reuse this fine-tuned encoder (an encoder_lora.safetensors) instead
-    finetune_epochs: int = 4
-    finetune_lr: float = 5e-4
-    finetune_rank: int = 16
-    finetune_layers: int | None = None  # keep the encoder's first N transformer layers (None: all 6)
-    version: str = ""  # version name; empty: UTC timestamp
-    seed: int = 0
-    extra_metadata: dict = field(default_factory=dict)
+    data: Path | None = _s(None, "Labeled JSONL ({'text','label'} per line); empty: the shipped seed set.")
+    out: Path | None = _s(None, "Artifact root: a new <out>/<version>/ is written and <out>/current points at it; "
+                                "empty: <data dir>/classifier.")
+    model: str = _s("", "embed: logistic regression on the MiniLM embeddings; combined: TF-IDF word+char n-grams "
+                        "stacked with the embeddings; tfidf: TF-IDF only; auto: the best on the validation split; "
+                        "empty: embed with a fine-tuned encoder, combined with the stock one.",
+                    choices=("",) + KINDS)
+    threshold: float | None = _s(None, "Fixed abstain threshold in [0, 1]; empty: chosen on the validation split.")
+    max_misroute: float = _s(0.02, "Threshold choice: the largest accepted misroute rate on the validation split.")
+    min_threshold: float = _s(0.5, "Never choose a threshold below this.")
+    val_fraction: float = _s(0.25, "Stratified validation split.")
+    C: float | None = _s(None, "Inverse regularization of the logistic regression; empty: the kind's default.",
+                         flag="--C")
+    max_tokens: int = _s(DEFAULT_MAX_TOKENS, "Embedding window: only the first N wordpieces of a prompt are embedded "
+                                             "(8..256).")
+    quant: str = _s("int8", "Encoder precision: int8 (dynamic quantization, ~3x faster on CPU) or none (float32).",
+                    choices=("int8", "none"))
+    encoder: str = _s("auto", "finetune: fine-tune MiniLM (LoRA) on the training split first (best accuracy; ~2 min "
+                              "per 1,000 examples on 2 CPU cores); base: the stock encoder (fast); auto: the shipped "
+                              "fine-tuned encoder on the seed set, finetune on other data.",
+                      choices=("auto",) + ENCODERS)
+    encoder_lora: Path | None = _s(None, "Reuse this fine-tuned encoder (an encoder_lora.safetensors from an "
+                                         "artifact) instead of fine-tuning.")
+    finetune_epochs: int = _s(4, "Encoder fine-tuning epochs.")
+    finetune_lr: float = _s(5e-4, "Encoder fine-tuning learning rate.")
+    finetune_rank: int = _s(16, "Encoder LoRA rank.")
+    finetune_layers: int | None = _s(None, "Keep only the encoder's first N transformer layers (1..6; empty: all 6): "
+                                           "less compute per prompt, usually some accuracy lost.")
+    version: str = _s("", "Version folder name; empty: UTC timestamp.", flag="--artifact-version")
+    seed: int = _s(0, "Seed for the split and the fits.")
+    extra_metadata: dict = _s({}, "Extra fields recorded in the artifact's metadata.json.", flag=False)
+
+    def resolved(self) -> "ClassifierTrainConfig":
+        """A copy with the contextual defaults filled in (data, out, encoder, model)."""
+        data = Path(self.data) if self.data else seed_path()
+        lora, encoder = self.encoder_lora, self.encoder
+        if lora is not None and encoder == "base":
+            raise InvalidArgument("--encoder base and --encoder-lora contradict each other: pass one of them")
+        if encoder == "auto":
+            if lora is None and data.resolve() == seed_path().resolve():
+                lora = shipped_encoder_path()  # the seed set's fine-tuned encoder ships with the package
+            encoder = "finetune"
+        model = self.model or ("combined" if encoder == "base" and lora is None else "embed")
+        return dataclasses.replace(self, data=data, out=Path(self.out) if self.out else classifier_dir(),
+                                   encoder_lora=lora, encoder=encoder, model=model)
 
     def validate(self) -> None:
-        if self.model not in KINDS:
+        if self.model and self.model not in KINDS:
             raise InvalidArgument(f"--model must be one of {KINDS}, got {self.model!r}")
         if self.threshold is not None and not 0.0 <= self.threshold <= 1.0:
             raise InvalidArgument(f"--threshold must be in [0, 1], got {self.threshold}")
-        from classifier.embed import check_max_tokens
 
         check_max_tokens(self.max_tokens)
-        from classifier.embed import check_quant
 
         check_quant(self.quant)
-        if self.encoder not in ENCODERS:
+        if self.encoder not in ("auto",) + ENCODERS:
             raise InvalidArgument(f"--encoder must be one of {ENCODERS}, got {self.encoder!r}")
         if self.encoder_lora is not None and not Path(self.encoder_lora).is_file():
             raise InvalidArgument(f"--encoder-lora {self.encoder_lora} is not a file (an encoder_lora.safetensors "
@@ -81,10 +112,7 @@ class TrainConfig:
                              or self.version.startswith(".")):
             raise InvalidArgument(f"--version must be letters, digits, '-', '_' or '.', got {self.version!r}")
 
-
     def finetune_config(self):
-        from classifier.finetune import FinetuneConfig
-
         return FinetuneConfig(epochs=self.finetune_epochs, lr=self.finetune_lr, rank=self.finetune_rank,
                               max_tokens=self.max_tokens, seed=self.seed, layers=self.finetune_layers)
 
@@ -99,15 +127,15 @@ def make_model(kind: str, C: float | None, seed: int = 0):
     if C is None:
         C = DEFAULT_C[kind]
     if kind == "combined":
-        from classifier.combined import CombinedModel
-
         return CombinedModel(C=C, emb_weight=COMBINED_EMB_WEIGHT, seed=seed)
+    # lazy: scikit-learn costs ~1.5 s to import; only fitting and scoring need it
     from sklearn.linear_model import LogisticRegression
     from sklearn.pipeline import make_pipeline
 
     lr = LogisticRegression(C=C, max_iter=3000, class_weight="balanced", random_state=seed)
     if kind == "embed":
         return lr
+    # lazy: scikit-learn costs ~1.5 s to import; only fitting and scoring need it
     from sklearn.feature_extraction.text import TfidfVectorizer
 
     return make_pipeline(TfidfVectorizer(ngram_range=(1, 2), sublinear_tf=True, min_df=1, max_features=200_000), lr)
@@ -128,7 +156,6 @@ def _cached_embeddings(out: Path, ex, embedder, max_tokens: int, quant: str = "n
     Looked up first next to the data (`<data>.embeddings.npz`, shipped for the seed set so that
     `ensure_default` is fast), then under `<out>/.embeddings/`; computed and cached there otherwise.
     """
-    from classifier.embed import MODEL_ID, encoder_id
 
     enc = encoder_id(lora)
     for cand in (shipped_cache_path(ex.path), out / ".embeddings" / f"{ex.sha256}-{max_tokens}-{quant}-{enc}.npz"):
@@ -144,8 +171,6 @@ def _cached_embeddings(out: Path, ex, embedder, max_tokens: int, quant: str = "n
             except (OSError, ValueError, KeyError):
                 pass
     if embedder is None:
-        from classifier.embed import shared
-
         embedder = shared(quant, lora)
     elif (getattr(embedder, "quant", "none"), getattr(embedder, "encoder_id", "base")) != (quant, enc):
         raise InvalidArgument(f"the embedder passed in runs {getattr(embedder, 'quant', 'none')!r} with encoder "
@@ -163,23 +188,16 @@ def shipped_cache_path(data: Path) -> Path:
 
 def save_embeddings(path: Path, X: np.ndarray, sha256: str, max_tokens: int, quant: str = "none",
                     encoder: str = "base") -> None:
-    from classifier.embed import MODEL_ID
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp.npz")
-    np.savez_compressed(tmp, X=X.astype(np.float16), sha256=np.array(sha256), model=np.array(MODEL_ID),
-                        max_tokens=np.array(max_tokens), quant=np.array(quant), encoder=np.array(encoder))
-    os.replace(tmp, path)
+    with atomic_path(path, suffix=".npz") as tmp:
+        np.savez_compressed(tmp, X=X.astype(np.float16), sha256=np.array(sha256), model=np.array(MODEL_ID),
+                            max_tokens=np.array(max_tokens), quant=np.array(quant), encoder=np.array(encoder))
 
 
-def train(cfg: TrainConfig, *, embedder=None, log=print) -> TrainResult:
+def train(cfg: ClassifierTrainConfig, *, embedder=None, log=print) -> TrainResult:
+    # lazy: scikit-learn costs ~1.5 s to import; only fitting and scoring need it
     from sklearn.model_selection import train_test_split
 
-    from classifier import artifact
-    from classifier.dataset import load_jsonl
-    from classifier.embed import MODEL_ID
-    from classifier.metrics import choose_threshold, evaluate
-
+    cfg = cfg.resolved()
     cfg.validate()
     t0 = time.monotonic()
     ex = load_jsonl(cfg.data, min_per_label=4)
@@ -190,7 +208,6 @@ def train(cfg: TrainConfig, *, embedder=None, log=print) -> TrainResult:
     tr, va = train_test_split(idx, test_size=cfg.val_fraction, stratify=ex.labels, random_state=cfg.seed)
     lora, encoder_meta = (_encoder(cfg, ex, tr, log) if uses_emb else (None, None))
     emb = _cached_embeddings(Path(cfg.out), ex, embedder, cfg.max_tokens, cfg.quant, lora) if uses_emb else None
-    from classifier.combined import TextsAndEmbeddings
 
     feats = {k: {"embed": emb, "tfidf": list(ex.texts)}.get(k) if k != "combined"
              else TextsAndEmbeddings(list(ex.texts), emb) for k in kinds}
@@ -250,24 +267,18 @@ def train(cfg: TrainConfig, *, embedder=None, log=print) -> TrainResult:
     return TrainResult(path, artifact._read_metadata(path))
 
 
-def _C(cfg: TrainConfig, kind: str, lora) -> float:
+def _C(cfg: ClassifierTrainConfig, kind: str, lora) -> float:
     if cfg.C is not None:
         return cfg.C
     return FINETUNED_C.get(kind, DEFAULT_C[kind]) if lora is not None else DEFAULT_C[kind]
 
 
-def _encoder(cfg: TrainConfig, ex, tr, log) -> tuple[Path | None, dict]:
+def _encoder(cfg: ClassifierTrainConfig, ex, tr, log) -> tuple[Path | None, dict]:
     """The encoder the embeddings come from: (LoRA file or None, its metadata).
 
     `--encoder finetune` fine-tunes on the training split only (never on the validation rows the threshold is
     chosen on), cached under `<out>/.encoders/` by data, split and recipe, so retraining is cheap.
     """
-    import hashlib
-    import json as _json
-
-    from classifier.dataset import sha256_file
-    from classifier.embed import MODEL_ID
-    from classifier.finetune import finetune, read_summary
 
     split = {"data_sha256": ex.sha256, "val_fraction": cfg.val_fraction, "split_seed": cfg.seed}
     if cfg.encoder_lora is not None:
@@ -285,7 +296,7 @@ def _encoder(cfg: TrainConfig, ex, tr, log) -> tuple[Path | None, dict]:
     if cfg.encoder == "base":
         return None, {"base": MODEL_ID, "finetuned": False}
     fcfg = cfg.finetune_config()
-    key = hashlib.sha256(_json.dumps([ex.sha256, cfg.val_fraction, cfg.seed, fcfg.__dict__], sort_keys=True)
+    key = hashlib.sha256(json.dumps([ex.sha256, cfg.val_fraction, cfg.seed, fcfg.__dict__], sort_keys=True)
                          .encode()).hexdigest()[:16]
     lora = Path(cfg.out) / ".encoders" / f"{key}.safetensors"
     if lora.is_file():
@@ -299,7 +310,6 @@ def _encoder(cfg: TrainConfig, ex, tr, log) -> tuple[Path | None, dict]:
 
 def predict_file(clf, data: Path):
     """Predictions for every example of a labeled JSONL: (examples, predicted tasks, confidences)."""
-    from classifier.dataset import load_jsonl
 
     ex = load_jsonl(data)
     preds = clf.predict_detailed(ex.texts)

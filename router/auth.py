@@ -12,7 +12,8 @@ from pathlib import Path
 import grpc
 import yaml
 
-from router.config import AuthConfig, ConfigError
+from core.errors import ConfigError
+from router.config import AuthConfig
 
 SCOPES = ("generate", "admin")
 OPEN_PREFIXES = ("/grpc.health.v1.", "/grpc.reflection.")

@@ -15,7 +15,7 @@ from typing import AsyncIterator
 
 import aiohttp
 
-from router.errors import DeadlineExceeded, FailedPrecondition, InvalidArgument, NotFound, Unavailable
+from core.errors import DeadlineExceeded, FailedPrecondition, InvalidArgument, NotFound, Unavailable
 
 
 @dataclass

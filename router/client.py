@@ -7,100 +7,58 @@
         for chunk in c.stream("Explain LoRA in one line"):
             print(chunk.delta, end="")
 
-Deadlines: `timeout=` seconds per call (DEADLINE_EXCEEDED when passed; the request is aborted in the
-backend). Retries: only UNAVAILABLE, with exponential backoff and jitter, and for streams only before the
-first chunk arrived (never a duplicated partial answer). Errors raise `RouterError` with the gRPC code and
-the server's message. Auth: `token=` (or env SPECIALIST_ROUTER_TOKEN) sent as `authorization: Bearer`.
+Admin (typed, sync and async alike): `list_adapters()`, `load_adapter(name, path)`, `unload_adapter(name)`,
+`deploy(task, version)`, `rollback(task)`, `retire(task)`, `reload_classifier(path)`.
+
+Deadlines: `timeout=` seconds per call, retries included (DEADLINE_EXCEEDED when passed; the request is aborted
+in the backend). Retries: gRPC's own retry policy (the channel's service config), only on UNAVAILABLE, with
+exponential backoff and jitter; a stream is never retried once its first message arrived (no duplicated partial
+answer). Errors raise `GatewayError` with the gRPC code and the server's message. Auth: `token=` (or env
+SPECIALIST_ROUTER_TOKEN) sent as `authorization: Bearer`. Pass `channel=` to use a channel you built (TLS, a
+load balancer, interceptors).
+
+This module imports only grpc, protobuf and the generated stubs: an application needs nothing else to call
+the gateway.
 """
 from __future__ import annotations
 
-import asyncio
+import json
 import os
-import random
-import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import AsyncIterator, Iterator, Sequence
 
 import grpc
 
+from router import client_types as types
+from router.client_types import (
+    AdapterInfo,
+    Adapters,
+    Chunk,
+    Classification,
+    ClassifierInfo,
+    DeployResult,
+    Result,
+    Route,
+    Timings,
+    Usage,
+)
 from router.v1 import router_pb2 as pb
 from router.v1 import router_pb2_grpc as pbg
 
+__all__ = ["AdapterInfo", "Adapters", "AsyncClient", "Chunk", "Classification", "ClassifierInfo", "Client",
+           "DeployResult", "GatewayError", "Result", "RetryPolicy", "Route", "Timings", "Usage"]
+
 Messages = str | Sequence[dict]
-_FINISH = {pb.FINISH_REASON_STOP: "stop", pb.FINISH_REASON_LENGTH: "length", pb.FINISH_REASON_CANCELLED: "cancelled",
-           pb.FINISH_REASON_ERROR: "error", pb.FINISH_REASON_UNSPECIFIED: ""}
 _EFFORT = {None: 0, "": 0, "low": 1, "medium": 2, "high": 3}
 
 
-class RouterError(Exception):
+class GatewayError(Exception):
     """A gRPC error from the gateway: `.code` (grpc.StatusCode) and `.message` (what to fix)."""
 
     def __init__(self, code: grpc.StatusCode, message: str):
         super().__init__(f"{code.name}: {message}")
         self.code = code
         self.message = message
-
-
-@dataclass(frozen=True)
-class Route:
-    task: str
-    confidence: float
-    reason: str  # specialist | low_confidence | general_task | no_adapter | adapter_override | task_override | classifier_disabled
-
-    @classmethod
-    def of(cls, r: pb.Route) -> "Route":
-        return cls(r.task, r.confidence, pb.RouteReason.Name(r.reason).removeprefix("ROUTE_REASON_").lower())
-
-
-@dataclass(frozen=True)
-class Usage:
-    prompt_tokens: int
-    completion_tokens: int
-    total_tokens: int
-
-
-@dataclass(frozen=True)
-class Timings:
-    classify_ms: float
-    ttft_ms: float
-    total_ms: float
-    backend_ms: float
-
-
-@dataclass(frozen=True)
-class Result:
-    request_id: str
-    text: str
-    reasoning_text: str
-    adapter: str  # "" = base model
-    finish_reason: str
-    usage: Usage
-    timings: Timings
-    route: Route
-    model: str
-
-
-@dataclass(frozen=True)
-class Chunk:
-    request_id: str
-    delta: str
-    reasoning_delta: str = ""
-    finished: bool = False
-    adapter: str = ""
-    route: Route | None = None
-    finish_reason: str = ""
-    usage: Usage | None = None
-    timings: Timings | None = None
-
-
-@dataclass(frozen=True)
-class Classification:
-    task: str
-    confidence: float
-    reason: str
-    adapter: str
-    threshold: float
-    scores: dict = field(default_factory=dict)
 
 
 def _messages(m: Messages) -> list[pb.ChatMessage]:
@@ -126,37 +84,23 @@ def build_request(cls, messages: Messages, *, max_tokens=None, temperature=None,
                adapter=adapter, task=task, client_id=client_id)
 
 
-def _result(r: pb.GenerateResponse) -> Result:
-    return Result(r.request_id, r.text, r.reasoning_text, r.adapter, _FINISH.get(r.finish_reason, ""),
-                  Usage(r.usage.prompt_tokens, r.usage.completion_tokens, r.usage.total_tokens),
-                  Timings(r.timings.classify_ms, r.timings.ttft_ms, r.timings.total_ms, r.timings.backend_ms),
-                  Route.of(r.route), r.model)
-
-
-def _chunk(m: pb.GenerateStreamResponse) -> Chunk:
-    return Chunk(m.request_id, m.delta, m.reasoning_delta, m.finished, m.adapter,
-                 Route.of(m.route) if m.HasField("route") else None, _FINISH.get(m.finish_reason, ""),
-                 Usage(m.usage.prompt_tokens, m.usage.completion_tokens, m.usage.total_tokens) if m.finished else None,
-                 Timings(m.timings.classify_ms, m.timings.ttft_ms, m.timings.total_ms, m.timings.backend_ms)
-                 if m.finished else None)
-
-
-def _classification(r: pb.ClassifyResponse) -> Classification:
-    route = Route.of(r.route)
-    return Classification(route.task, route.confidence, route.reason, r.adapter, r.threshold,
-                          {s.task: s.probability for s in r.scores})
-
-
 @dataclass
 class RetryPolicy:
-    """Retries on UNAVAILABLE only: attempts in all, backoff base/max seconds, full jitter."""
+    """Retries on UNAVAILABLE only (gRPC's retry policy): attempts in all (1 = no retry, at most 5), backoff
+    base/max seconds."""
 
     attempts: int = 4
     backoff_s: float = 0.25
     max_backoff_s: float = 4.0
 
-    def delay(self, attempt: int) -> float:
-        return random.uniform(0, min(self.max_backoff_s, self.backoff_s * (2 ** attempt)))
+    def service_config(self) -> str:
+        if not 2 <= self.attempts <= 5:
+            raise ValueError("RetryPolicy.attempts must be within 1..5 (gRPC's limit); 1 means no retry")
+        policy = {"maxAttempts": self.attempts, "initialBackoff": f"{self.backoff_s}s",
+                  "maxBackoff": f"{self.max_backoff_s}s", "backoffMultiplier": 2,
+                  "retryableStatusCodes": ["UNAVAILABLE"]}
+        names = [{"service": "router.v1.RouterService"}, {"service": "router.v1.AdminService"}]
+        return json.dumps({"methodConfig": [{"name": names, "retryPolicy": policy}]})
 
 
 def _metadata(token: str | None) -> tuple:
@@ -164,20 +108,70 @@ def _metadata(token: str | None) -> tuple:
     return (("authorization", f"Bearer {tok}"),) if tok else ()
 
 
-_OPTIONS = [("grpc.max_receive_message_length", 64 * 1024 * 1024), ("grpc.enable_retries", 0)]
+def channel_options(retry: RetryPolicy | None = None) -> list[tuple]:
+    """Options for a channel to the gateway: message size and the retry policy."""
+    retry = retry or RetryPolicy()
+    if retry.attempts == 1:
+        return [("grpc.max_receive_message_length", 64 * 1024 * 1024), ("grpc.enable_retries", 0)]
+    return [("grpc.max_receive_message_length", 64 * 1024 * 1024), ("grpc.enable_retries", 1),
+            ("grpc.service_config", retry.service_config())]
 
 
-class Client:
+class _Base:
+    """What the sync and async clients share: requests in, typed results out."""
+
+    def _setup(self, channel, token: str | None, timeout: float | None) -> None:
+        self.channel = channel
+        self.stub = pbg.RouterServiceStub(channel)
+        self.admin = pbg.AdminServiceStub(channel)
+        self.metadata = _metadata(token)
+        self.timeout = timeout
+
+    def _t(self, timeout: float | None) -> float | None:
+        return self.timeout if timeout is None else timeout
+
+    @staticmethod
+    def _error(e: grpc.RpcError) -> GatewayError:
+        return GatewayError(e.code(), e.details() or "")
+
+    # one place per RPC: (stub method, request, shape of the answer)
+    def _rpc(self, name: str, *args, **kw):
+        if name == "generate":
+            return self.stub.Generate, build_request(pb.GenerateRequest, *args, **kw), types.result
+        if name == "classify":
+            return self.stub.Classify, pb.ClassifyRequest(text=args[0]), types.classification
+        if name == "feedback":
+            return self.stub.SubmitFeedback, pb.SubmitFeedbackRequest(request_id=args[0], rating=args[1], **kw), \
+                lambda r: r
+        if name == "list_adapters":
+            return self.admin.ListAdapters, pb.ListAdaptersRequest(), \
+                lambda r: types.Adapters([types.adapter(a) for a in r.adapters], {e.task: e.adapter for e in r.routes})
+        if name == "load_adapter":
+            return self.admin.LoadAdapter, pb.LoadAdapterRequest(name=args[0], path=args[1]), \
+                lambda r: types.adapter(r.adapter)
+        if name == "unload_adapter":
+            return self.admin.UnloadAdapter, pb.UnloadAdapterRequest(name=args[0]), lambda r: None
+        if name == "deploy":
+            return self.admin.DeployAdapter, pb.DeployAdapterRequest(task=args[0], version=str(args[1] or "")), \
+                lambda r: types.DeployResult(r.task, r.version, r.adapter, r.previous_version, r.swap_ms)
+        if name == "rollback":
+            return self.admin.RollbackAdapter, pb.RollbackAdapterRequest(task=args[0]), \
+                lambda r: types.DeployResult(r.task, r.version, r.adapter)
+        if name == "retire":
+            return self.admin.RetireAdapter, pb.RetireAdapterRequest(task=args[0]), \
+                lambda r: types.DeployResult(r.task, "", "", r.previous_version)
+        if name == "reload_classifier":
+            return self.admin.ReloadClassifier, pb.ReloadClassifierRequest(path=args[0] or ""), \
+                lambda r: types.ClassifierInfo(r.version, list(r.tasks))
+        raise AssertionError(name)
+
+
+class Client(_Base):
     """Blocking client. Thread-safe; reuse one per process."""
 
     def __init__(self, target: str = "127.0.0.1:50051", *, token: str | None = None, timeout: float | None = 120.0,
                  retry: RetryPolicy | None = None, channel: grpc.Channel | None = None):
-        self.channel = channel or grpc.insecure_channel(target, options=_OPTIONS)
-        self.stub = pbg.RouterServiceStub(self.channel)
-        self.admin = pbg.AdminServiceStub(self.channel)
-        self.metadata = _metadata(token)
-        self.timeout = timeout
-        self.retry = retry or RetryPolicy()
+        self._setup(channel or grpc.insecure_channel(target, options=channel_options(retry)), token, timeout)
 
     def __enter__(self) -> "Client":
         return self
@@ -188,64 +182,63 @@ class Client:
     def close(self) -> None:
         self.channel.close()
 
-    def _call(self, fn, request, timeout):
-        t = self.timeout if timeout is None else timeout
-        deadline = None if t is None else time.monotonic() + t
-        for attempt in range(self.retry.attempts):
-            left = None if deadline is None else max(0.001, deadline - time.monotonic())
-            try:
-                return fn(request, timeout=left, metadata=self.metadata)
-            except grpc.RpcError as e:
-                if e.code() != grpc.StatusCode.UNAVAILABLE or attempt == self.retry.attempts - 1:
-                    raise RouterError(e.code(), e.details() or "") from None
-                d = self.retry.delay(attempt)
-                if deadline is not None and time.monotonic() + d >= deadline:
-                    raise RouterError(e.code(), e.details() or "") from None
-                time.sleep(d)
+    def _call(self, name: str, *args, timeout: float | None = None, **kw):
+        fn, request, shape = self._rpc(name, *args, **kw)
+        try:
+            return shape(fn(request, timeout=self._t(timeout), metadata=self.metadata))
+        except grpc.RpcError as e:
+            raise self._error(e) from None
 
     def generate(self, messages: Messages, *, timeout: float | None = None, **kw) -> Result:
-        return _result(self._call(self.stub.Generate, build_request(pb.GenerateRequest, messages, **kw), timeout))
+        return self._call("generate", messages, timeout=timeout, **kw)
 
     def stream(self, messages: Messages, *, timeout: float | None = None, **kw) -> Iterator[Chunk]:
-        req = build_request(pb.GenerateStreamRequest, messages, **kw)
-        t = self.timeout if timeout is None else timeout
-        deadline = None if t is None else time.monotonic() + t
-        for attempt in range(self.retry.attempts):
-            left = None if deadline is None else max(0.001, deadline - time.monotonic())
-            call = self.stub.GenerateStream(req, timeout=left, metadata=self.metadata)
-            got_any = False
-            try:
-                for m in call:
-                    got_any = True
-                    yield _chunk(m)
-                return
-            except grpc.RpcError as e:
-                if got_any or e.code() != grpc.StatusCode.UNAVAILABLE or attempt == self.retry.attempts - 1:
-                    raise RouterError(e.code(), e.details() or "") from None
-                time.sleep(self.retry.delay(attempt))
-            finally:
-                call.cancel()  # a consumer that stops early aborts the request in the backend
+        call = self.stub.GenerateStream(build_request(pb.GenerateStreamRequest, messages, **kw),
+                                        timeout=self._t(timeout), metadata=self.metadata)
+        try:
+            for m in call:
+                yield types.chunk(m)
+        except grpc.RpcError as e:
+            raise self._error(e) from None
+        finally:
+            call.cancel()  # a consumer that stops early aborts the request in the backend
 
     def classify(self, text: str, *, timeout: float | None = None) -> Classification:
-        return _classification(self._call(self.stub.Classify, pb.ClassifyRequest(text=text), timeout))
+        return self._call("classify", text, timeout=timeout)
 
     def feedback(self, request_id: str, rating: int, *, correction: str = "", comment: str = "",
                  timeout: float | None = None) -> pb.SubmitFeedbackResponse:
-        return self._call(self.stub.SubmitFeedback, pb.SubmitFeedbackRequest(
-            request_id=request_id, rating=rating, correction=correction, comment=comment), timeout)
+        return self._call("feedback", request_id, rating, correction=correction, comment=comment, timeout=timeout)
+
+    # admin (token with the `admin` scope)
+    def list_adapters(self, *, timeout: float | None = None) -> Adapters:
+        return self._call("list_adapters", timeout=timeout)
+
+    def load_adapter(self, name: str, path: str, *, timeout: float | None = None) -> AdapterInfo:
+        return self._call("load_adapter", name, path, timeout=timeout)
+
+    def unload_adapter(self, name: str, *, timeout: float | None = None) -> None:
+        return self._call("unload_adapter", name, timeout=timeout)
+
+    def deploy(self, task: str, version: str | int | None = None, *, timeout: float | None = 600.0) -> DeployResult:
+        return self._call("deploy", task, version, timeout=timeout)
+
+    def rollback(self, task: str, *, timeout: float | None = 600.0) -> DeployResult:
+        return self._call("rollback", task, timeout=timeout)
+
+    def retire(self, task: str, *, timeout: float | None = 600.0) -> DeployResult:
+        return self._call("retire", task, timeout=timeout)
+
+    def reload_classifier(self, path: str | None = None, *, timeout: float | None = 600.0) -> ClassifierInfo:
+        return self._call("reload_classifier", path, timeout=timeout)
 
 
-class AsyncClient:
-    """asyncio client (grpc.aio)."""
+class AsyncClient(_Base):
+    """asyncio client (grpc.aio), the same methods as `Client`, awaited."""
 
     def __init__(self, target: str = "127.0.0.1:50051", *, token: str | None = None, timeout: float | None = 120.0,
-                 retry: RetryPolicy | None = None):
-        self.channel = grpc.aio.insecure_channel(target, options=_OPTIONS)
-        self.stub = pbg.RouterServiceStub(self.channel)
-        self.admin = pbg.AdminServiceStub(self.channel)
-        self.metadata = _metadata(token)
-        self.timeout = timeout
-        self.retry = retry or RetryPolicy()
+                 retry: RetryPolicy | None = None, channel: grpc.aio.Channel | None = None):
+        self._setup(channel or grpc.aio.insecure_channel(target, options=channel_options(retry)), token, timeout)
 
     async def __aenter__(self) -> "AsyncClient":
         return self
@@ -256,48 +249,53 @@ class AsyncClient:
     async def close(self) -> None:
         await self.channel.close()
 
-    async def _call(self, fn, request, timeout):
-        t = self.timeout if timeout is None else timeout
-        deadline = None if t is None else time.monotonic() + t
-        for attempt in range(self.retry.attempts):
-            left = None if deadline is None else max(0.001, deadline - time.monotonic())
-            try:
-                return await fn(request, timeout=left, metadata=self.metadata)
-            except grpc.aio.AioRpcError as e:
-                if e.code() != grpc.StatusCode.UNAVAILABLE or attempt == self.retry.attempts - 1:
-                    raise RouterError(e.code(), e.details() or "") from None
-                d = self.retry.delay(attempt)
-                if deadline is not None and time.monotonic() + d >= deadline:
-                    raise RouterError(e.code(), e.details() or "") from None
-                await asyncio.sleep(d)
+    async def _call(self, name: str, *args, timeout: float | None = None, **kw):
+        fn, request, shape = self._rpc(name, *args, **kw)
+        try:
+            return shape(await fn(request, timeout=self._t(timeout), metadata=self.metadata))
+        except grpc.aio.AioRpcError as e:
+            raise self._error(e) from None
 
     async def generate(self, messages: Messages, *, timeout: float | None = None, **kw) -> Result:
-        return _result(await self._call(self.stub.Generate, build_request(pb.GenerateRequest, messages, **kw), timeout))
+        return await self._call("generate", messages, timeout=timeout, **kw)
 
     async def stream(self, messages: Messages, *, timeout: float | None = None, **kw) -> AsyncIterator[Chunk]:
-        req = build_request(pb.GenerateStreamRequest, messages, **kw)
-        t = self.timeout if timeout is None else timeout
-        deadline = None if t is None else time.monotonic() + t
-        for attempt in range(self.retry.attempts):
-            left = None if deadline is None else max(0.001, deadline - time.monotonic())
-            call = self.stub.GenerateStream(req, timeout=left, metadata=self.metadata)
-            got_any = False
-            try:
-                async for m in call:
-                    got_any = True
-                    yield _chunk(m)
-                return
-            except grpc.aio.AioRpcError as e:
-                if got_any or e.code() != grpc.StatusCode.UNAVAILABLE or attempt == self.retry.attempts - 1:
-                    raise RouterError(e.code(), e.details() or "") from None
-                await asyncio.sleep(self.retry.delay(attempt))
-            finally:
-                call.cancel()
+        call = self.stub.GenerateStream(build_request(pb.GenerateStreamRequest, messages, **kw),
+                                        timeout=self._t(timeout), metadata=self.metadata)
+        try:
+            async for m in call:
+                yield types.chunk(m)
+        except grpc.aio.AioRpcError as e:
+            raise self._error(e) from None
+        finally:
+            call.cancel()
 
     async def classify(self, text: str, *, timeout: float | None = None) -> Classification:
-        return _classification(await self._call(self.stub.Classify, pb.ClassifyRequest(text=text), timeout))
+        return await self._call("classify", text, timeout=timeout)
 
     async def feedback(self, request_id: str, rating: int, *, correction: str = "", comment: str = "",
                        timeout: float | None = None) -> pb.SubmitFeedbackResponse:
-        return await self._call(self.stub.SubmitFeedback, pb.SubmitFeedbackRequest(
-            request_id=request_id, rating=rating, correction=correction, comment=comment), timeout)
+        return await self._call("feedback", request_id, rating, correction=correction, comment=comment,
+                                timeout=timeout)
+
+    async def list_adapters(self, *, timeout: float | None = None) -> Adapters:
+        return await self._call("list_adapters", timeout=timeout)
+
+    async def load_adapter(self, name: str, path: str, *, timeout: float | None = None) -> AdapterInfo:
+        return await self._call("load_adapter", name, path, timeout=timeout)
+
+    async def unload_adapter(self, name: str, *, timeout: float | None = None) -> None:
+        return await self._call("unload_adapter", name, timeout=timeout)
+
+    async def deploy(self, task: str, version: str | int | None = None, *,
+                     timeout: float | None = 600.0) -> DeployResult:
+        return await self._call("deploy", task, version, timeout=timeout)
+
+    async def rollback(self, task: str, *, timeout: float | None = 600.0) -> DeployResult:
+        return await self._call("rollback", task, timeout=timeout)
+
+    async def retire(self, task: str, *, timeout: float | None = 600.0) -> DeployResult:
+        return await self._call("retire", task, timeout=timeout)
+
+    async def reload_classifier(self, path: str | None = None, *, timeout: float | None = 600.0) -> ClassifierInfo:
+        return await self._call("reload_classifier", path, timeout=timeout)

@@ -20,18 +20,29 @@ import time
 from collections import defaultdict
 from pathlib import Path
 
-from router.errors import FailedPrecondition, NotFound, UserError
+from adapters.registry import Registry
+from adapters.validation import validate_adapter, validate_names
+from basemodel import fingerprint
+from core.errors import FailedPrecondition, NotFound, RouterError
+from router.config import DeployConfig
+from router.lora import AdapterLoader
 
 log = logging.getLogger("router.deploy")
 
 
 class Deployer:
-    def __init__(self, gw, *, registry_root: str | None = None, drain_timeout_s: float = 120.0):
-        from adapters.registry import Registry
+    """Deploys, rolls back and retires registry versions through `loader` (the backend and the routing table)."""
 
-        self.gw = gw
-        self.registry = Registry(registry_root)
-        self.drain_timeout_s = drain_timeout_s
+    def __init__(self, registry: Registry, loader: AdapterLoader, cfg: DeployConfig, *, model_dir: str | None,
+                 served_model: str, max_lora_rank: int):
+        self.registry = registry
+        self.loader = loader
+        self.table = loader.table
+        self.cfg = cfg
+        self.model_dir = model_dir
+        self.served_model = served_model
+        self.max_lora_rank = max_lora_rank
+        self._bg: set[asyncio.Task] = set()
         self._locks: dict[str, asyncio.Lock] = defaultdict(asyncio.Lock)
         self._poll_task: asyncio.Task | None = None
         self._generation = -1
@@ -39,11 +50,9 @@ class Deployer:
 
     # -------------------------------------------------------------------------- helpers
     def base_fingerprint(self) -> str | None:
-        if self._base_fp is None and self.gw.model_dir:
-            from router.model import fingerprint
-
+        if self._base_fp is None and self.model_dir:
             with contextlib.suppress(Exception):
-                self._base_fp = fingerprint(Path(self.gw.model_dir))
+                self._base_fp = fingerprint(Path(self.model_dir))
         return self._base_fp
 
     async def _io(self, fn, *args, **kw):
@@ -51,34 +60,32 @@ class Deployer:
         return await loop.run_in_executor(None, lambda: fn(*args, **kw))
 
     async def _validate(self, av) -> None:
-        from adapters.validation import validate_adapter
-
         await self._io(validate_adapter, av.path, base_fingerprint=self.base_fingerprint(),
-                       base_model_id=self.gw.served_model, max_lora_rank=self.gw.cfg.backend.max_lora_rank,
+                       base_model_id=self.served_model, max_lora_rank=self.max_lora_rank,
                        manifest=av.manifest)
 
     async def _smoke(self, name: str) -> None:
         payload = {"model": name, "messages": [{"role": "user", "content": "ping"}], "max_tokens": 1, "temperature": 0}
-        async for _ in self.gw.backend.chat_stream(payload, timeout_s=120):
+        async for _ in self.loader.backend.chat_stream(payload, timeout_s=self.cfg.smoke_timeout_s):
             pass
 
     def _drain_then_unload(self, name: str) -> None:
         async def go():
-            ok = await self.gw.table.drain(name, self.drain_timeout_s)
+            ok = await self.table.drain(name, self.cfg.drain_timeout_s)
             if not ok:
-                log.warning("adapter %s still has requests after %.0f s; unloading anyway", name, self.drain_timeout_s)
-            if name in self.gw.table.routes.values():
+                log.warning("adapter %s still has requests after %.0f s; unloading anyway", name, self.cfg.drain_timeout_s)
+            if name in self.table.routes.values():
                 return  # routed again meanwhile (a quick rollback): keep it
             try:
-                await self.gw.unload_adapter(name)
-            except UserError as exc:
+                await self.loader.unload(name)
+            except RouterError as exc:
                 log.warning("unload of %s failed: %s", name, exc)
-        self.gw.spawn(go())
+        t = asyncio.get_running_loop().create_task(go())
+        self._bg.add(t)
+        t.add_done_callback(self._bg.discard)
 
     # ----------------------------------------------------------------------- operations
     async def deploy(self, task: str, version: str | None = None, *, reason: str = "deploy") -> dict:
-        from adapters.validation import validate_names
-
         validate_names(task, version)
         async with self._locks[task]:
             t0 = time.perf_counter()
@@ -89,25 +96,25 @@ class Deployer:
                 if av is None:
                     raise FailedPrecondition(f"task {task!r} has no candidate version: pass a version, or promote one "
                                              f"with `specialist-router adapters promote {task} VERSION --alias candidate`")
-            old = self.gw.table.routes.get(task, "")
-            prev = self.gw.table.loaded.get(old)
+            old = self.table.routes.get(task, "")
+            prev = self.table.loaded.get(old)
             if old == av.name:
                 return dict(task=task, version=av.version, adapter=av.name, previous_version=av.version, swap_ms=0.0)
             await self._validate(av)
-            newly_loaded = av.name not in self.gw.table.loaded
-            await self.gw.load_adapter(av.name, str(av.path), task=task, version=av.version)
+            newly_loaded = av.name not in self.table.loaded
+            await self.loader.load_registered(av.name, str(av.path), task=task, version=av.version)
             try:
                 await self._smoke(av.name)
-                self.gw.table.set_route(task, av.name)  # the switch: new requests go to the new version
+                self.table.set_route(task, av.name)  # the switch: new requests go to the new version
                 try:
                     await self._io(self.registry.set_alias, task, "production", av.version, reason=reason)
                 except Exception:
-                    self.gw.table.set_route(task, old or None)
+                    self.table.set_route(task, old or None)
                     raise
             except BaseException:
                 if newly_loaded:
                     with contextlib.suppress(Exception):
-                        await self.gw.unload_adapter(av.name)
+                        await self.loader.unload(av.name)
                 raise
             swap_ms = (time.perf_counter() - t0) * 1000
             self._generation = await self._io(self.registry.generation)
@@ -118,8 +125,6 @@ class Deployer:
                         previous_version=prev.version if prev else "", swap_ms=swap_ms)
 
     async def rollback(self, task: str) -> dict:
-        from adapters.validation import validate_names
-
         validate_names(task, None)
         prev = await self._io(self.registry.previous_production, task)
         if prev is None:
@@ -128,15 +133,13 @@ class Deployer:
         return dict(task=task, version=r["version"], adapter=r["adapter"])
 
     async def retire(self, task: str) -> dict:
-        from adapters.validation import validate_names
-
         validate_names(task, None)
         async with self._locks[task]:
-            old = self.gw.table.routes.get(task, "")
+            old = self.table.routes.get(task, "")
             prod = await self._io(self.registry.production, task)
             if not old and prod is None:
                 raise NotFound(f"task {task!r} has no deployed specialist to retire")
-            self.gw.table.set_route(task, None)
+            self.table.set_route(task, None)
             if prod is not None:
                 await self._io(self.registry.set_alias, task, "production", None, reason="retire")
             self._generation = await self._io(self.registry.generation)
@@ -153,8 +156,8 @@ class Deployer:
                 continue
             try:
                 await self._validate(prod)
-                await self.gw.load_adapter(prod.name, str(prod.path), task=task, version=prod.version)
-                self.gw.table.set_route(task, prod.name)
+                await self.loader.load_registered(prod.name, str(prod.path), task=task, version=prod.version)
+                self.table.set_route(task, prod.name)
                 log.info("restored %s", prod.name)
             except Exception as exc:
                 log.error("could not restore production adapter %s: %s", prod.name, exc)
@@ -164,7 +167,7 @@ class Deployer:
         """Follow alias moves made by another process/replica."""
         for task in await self._io(self.registry.tasks):
             prod = await self._io(self.registry.production, task)
-            routed = self.gw.table.routes.get(task, "")
+            routed = self.table.routes.get(task, "")
             want = prod.name if prod else ""
             if want == routed:
                 continue
@@ -176,7 +179,9 @@ class Deployer:
             except Exception as exc:
                 log.error("sync of task %s to %s failed: %s", task, want or "base", exc)
 
-    def start_polling(self, interval_s: float = 2.0) -> asyncio.Task:
+    def start_polling(self) -> asyncio.Task:
+        interval_s = self.cfg.registry_poll_s
+
         async def loop():
             while True:
                 await asyncio.sleep(interval_s)
@@ -191,6 +196,9 @@ class Deployer:
         self._poll_task = asyncio.create_task(loop(), name="registry-poll")
         return self._poll_task
 
-    def stop(self) -> None:
+    async def stop(self) -> None:
+        """Stop following the registry; wait for pending drain-then-unload tasks."""
         if self._poll_task is not None:
             self._poll_task.cancel()
+        if self._bg:
+            await asyncio.gather(*list(self._bg), return_exceptions=True)

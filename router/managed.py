@@ -20,9 +20,9 @@ from typing import Awaitable, Callable
 
 import aiohttp
 
-from router import paths
+from core import paths
+from core.errors import Unavailable
 from router.config import BackendConfig
-from router.errors import Unavailable
 
 log = logging.getLogger("router.managed")
 
@@ -117,7 +117,7 @@ class ManagedVLLM:
             return ""
 
     def watch(self, on_restart: Callable[[], Awaitable[None]] | None = None,
-              on_down: Callable[[], None] | None = None, interval_s: float = 0.5) -> asyncio.Task:
+              on_down: Callable[[], Awaitable[None]] | None = None, interval_s: float = 0.5) -> asyncio.Task:
         """Supervise: if the child dies (and we are not stopping), restart it and call on_restart."""
 
         async def loop() -> None:
@@ -129,12 +129,12 @@ class ManagedVLLM:
                 if not self.cfg.restart:
                     log.error("managed vLLM exited (status %s); restart disabled", self.proc and self.proc.returncode)
                     if on_down:
-                        on_down()
+                        await on_down()
                     return
                 log.error("managed vLLM exited (status %s); restarting", self.proc and self.proc.returncode)
                 self.restarting = True
                 if on_down:
-                    on_down()
+                    await on_down()
                 try:
                     self._kill_group()
                     self.spawn()

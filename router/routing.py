@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 from dataclasses import dataclass, field
 
-from router.errors import InvalidArgument, NotFound
+from core.errors import InvalidArgument, NotFound
 from router.v1 import router_pb2 as pb
 
 BASE = "base"

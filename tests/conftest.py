@@ -3,11 +3,12 @@
 - `model_dir`: the real SmolLM2-135M-Instruct HF folder (prepared once from the PyPI GGUF).
 - `vllm_server`: a real vLLM OpenAI server (CPU) with runtime LoRA, started once per session.
 - `gateway_factory(**overrides)`: starts a real gRPC gateway in its own thread/event loop against that
-  vLLM (external mode) and returns a handle (`.target`, `.gateway`, `.run(coro)`); stopped at teardown.
+  vLLM (external mode) and returns a handle (`.target`, `.server`, `.run(coro)`); stopped at teardown.
 """
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import sys
 import threading
@@ -26,6 +27,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+import lora_fixtures  # noqa: E402  (tests/ is on sys.path only from the line above)
 
 # an operator's own task set (classifier tests): customer-support intents, five examples each
 OPS_ROWS = [("Is my flight on time?", "status"), ("Where is my parcel?", "status"), ("Has my order shipped yet?", "status"),
@@ -37,15 +39,7 @@ OPS_ROWS = [("Is my flight on time?", "status"), ("Where is my parcel?", "status
             ("Nice weather today", "other"), ("Thanks a lot!", "other")]
 
 
-def write_ops_data(path: Path) -> Path:
-    """OPS_ROWS as a labeled JSONL file at `path`."""
-    import json
-
-    path.write_text("".join(json.dumps({"text": t, "label": lab}) + "\n" for t, lab in OPS_ROWS))
-    return path
-
-
-def poll(fn, *, timeout_s: float, interval_s: float = 0.2, what: str = "condition"):
+def _poll(fn, *, timeout_s: float, interval_s: float = 0.2, what: str = "condition"):
     """Poll fn() until truthy or the deadline passes (no fixed sleeps in tests)."""
     deadline = time.monotonic() + timeout_s
     while True:
@@ -58,8 +52,33 @@ def poll(fn, *, timeout_s: float, interval_s: float = 0.2, what: str = "conditio
 
 
 @pytest.fixture(scope="session")
+def poll():
+    """`poll(fn, timeout_s=..., what=...)`: wait for a condition with a deadline (no fixed sleeps in tests)."""
+    return _poll
+
+
+@pytest.fixture()
+def ops_data(tmp_path) -> Path:
+    """An operator's own task set (OPS_ROWS) as a labeled JSONL file."""
+    path = tmp_path / "ops.jsonl"
+    path.write_text("".join(json.dumps({"text": t, "label": lab}) + "\n" for t, lab in OPS_ROWS))
+    return path
+
+
+@pytest.fixture(scope="session")
+def make_lora():
+    """`make_lora(base_dir, out_dir, seed=...)`: a real PEFT LoRA with random non-zero weights (lora_fixtures)."""
+    return lora_fixtures.make_lora
+
+
+@pytest.fixture(scope="session")
+def repo_root() -> Path:
+    return ROOT
+
+
+@pytest.fixture(scope="session")
 def model_dir() -> Path:
-    from router.model import prepare
+    from basemodel import prepare
 
     return prepare()
 
@@ -70,6 +89,7 @@ class VLLMHandle:
     model: str  # served model name
     model_dir: Path
     managed: object
+    max_loras: int  # the server's --max-loras: adapters that share one batch
 
 
 class _Loop:
@@ -103,7 +123,7 @@ def vllm_server(model_dir, bg_loop):
     cfg = BackendConfig(max_loras=4, max_cpu_loras=8, max_lora_rank=64, max_model_len=2048, restart=False)
     m = ManagedVLLM(cfg, str(model_dir))
     bg_loop.run(m.start())
-    yield VLLMHandle(url=m.url, model=str(model_dir), model_dir=model_dir, managed=m)
+    yield VLLMHandle(url=m.url, model=str(model_dir), model_dir=model_dir, managed=m, max_loras=cfg.max_loras)
     bg_loop.run(m.stop())
 
 
@@ -115,10 +135,6 @@ class GatewayHandle:
     @property
     def target(self) -> str:
         return self.server.target
-
-    @property
-    def gateway(self):
-        return self.server.gateway
 
     def run(self, coro, timeout: float | None = 600):
         return self.loop.run(coro, timeout)

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from router.errors import FailedPrecondition, InvalidArgument, NotFound
+from core.errors import FailedPrecondition, InvalidArgument, NotFound
 
 ROOT = Path(__file__).resolve().parents[1]
 BASE_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
@@ -45,7 +45,7 @@ def _build(base_dir: Path, out: Path, kind: str = "lora", seed: int = 0, **cfg) 
 
 @pytest.fixture(scope="module")
 def base(model_dir):
-    from router.model import fingerprint
+    from basemodel import fingerprint
 
     return model_dir, fingerprint(model_dir)
 
@@ -236,7 +236,8 @@ def test_concurrent_register_from_processes_serializes(registry, adapters_dir, b
 # ----------------------------------------------------------------------------------------- validation
 
 def test_validation_failures(registry, adapters_dir, base, tmp_path):
-    from adapters.validation import GPT_OSS_SERVABLE_MODULES as GPT_OSS, validate_adapter
+    from adapters.validation import GPT_OSS_SERVABLE_MODULES as GPT_OSS
+    from adapters.validation import validate_adapter
 
     _, fp = base
     info = validate_adapter(adapters_dir["good"], max_lora_rank=8)
@@ -351,7 +352,7 @@ def test_symlinked_task_escaping_root_refused(registry, tmp_path):
 # ------------------------------------------------------------------------------------------------- CLI
 
 def test_cli_register_list_promote_show(tmp_path, adapters_dir, base, capsys):
-    from router.cli import main
+    from cli import main
 
     model_dir, fp = base
     reg = str(tmp_path / "reg")
@@ -403,7 +404,7 @@ def test_cli_gateway_commands_over_real_grpc(capsys):
     """deploy/rollback/retire/loaded against a real gRPC AdminService on loopback (a stand-in servicer)."""
     import grpc
 
-    from router.cli import main
+    from cli import main
     from router.v1 import router_pb2, router_pb2_grpc
 
     seen = []
@@ -436,7 +437,7 @@ def test_cli_gateway_commands_over_real_grpc(capsys):
     port = server.add_insecure_port("127.0.0.1:0")
     server.start()
     try:
-        gw = ["--target", f"127.0.0.1:{port}", "--token", "s3cret", "--timeout", "30"]
+        gw = ["--gateway", f"127.0.0.1:{port}", "--token", "s3cret", "--timeout", "30"]
         assert main(["adapters", "deploy", "code", *gw]) == 0
         assert "deployed code@3" in capsys.readouterr().out
         assert seen[-1][:3] == ("deploy", "code", "") and seen[-1][3]["authorization"] == "Bearer s3cret"
@@ -447,10 +448,11 @@ def test_cli_gateway_commands_over_real_grpc(capsys):
         assert main(["adapters", "retire", "code", "--json", *gw]) == 0
         assert json.loads(capsys.readouterr().out)["previous_version"] == "2"
         assert main(["adapters", "loaded", "--json", *gw]) == 0
-        assert json.loads(capsys.readouterr().out)["routes"] == [{"task": "code", "adapter": "code@2"}]
+        assert json.loads(capsys.readouterr().out)["routes"] == {"code": "code@2"}
         assert main(["adapters", "deploy", "nope", *gw]) == 2
         assert "no candidate version" in capsys.readouterr().err
     finally:
         server.stop(None)
-    assert main(["adapters", "deploy", "code", "--target", f"127.0.0.1:{port}", "--timeout", "5"]) == 2
+    # unreachable is not the user's fault: exit status 1 (a ServiceError), still one line that says what to do
+    assert main(["adapters", "deploy", "code", "--gateway", f"127.0.0.1:{port}", "--timeout", "5"]) == 1
     assert "cannot reach the gateway" in capsys.readouterr().err

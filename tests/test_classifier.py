@@ -7,14 +7,13 @@ import shutil
 import threading
 
 import pytest
-from conftest import write_ops_data
 
 import classifier
 from classifier import artifact
 from classifier.embed import DEFAULT_MAX_TOKENS
 from classifier.metrics import evaluate
-from classifier.train import TrainConfig, predict_file, train
-from router.errors import FailedPrecondition, InvalidArgument
+from classifier.train import ClassifierTrainConfig, predict_file, train
+from core.errors import FailedPrecondition, InvalidArgument
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -41,7 +40,7 @@ def embedder():
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory, embedder):
     root = tmp_path_factory.mktemp("clf")
-    res = train(TrainConfig(data=classifier.seed_path(), out=root, model="embed", version="v1", encoder_lora=SHIPPED),
+    res = train(ClassifierTrainConfig(data=classifier.seed_path(), out=root, model="embed", version="v1", encoder_lora=SHIPPED),
                 embedder=embedder, log=lambda *a: None)
     return root, res
 
@@ -159,12 +158,13 @@ def test_current_names_missing_version(tmp_path):
         classifier.load(tmp_path)
 
 
-def test_custom_task_set(tmp_path):
+def test_custom_task_set(tmp_path, ops_data):
     from classifier.embed import shared
 
-    embedder = shared("int8")  # the stock encoder (TrainConfig's default for operators' own data)
-    data = write_ops_data(tmp_path / "ops.jsonl")
-    res = train(TrainConfig(data=data, out=tmp_path / "art", model="embed", threshold=0.3, val_fraction=0.34),
+    embedder = shared("int8")  # the stock encoder
+    data = ops_data
+    res = train(ClassifierTrainConfig(data=data, out=tmp_path / "art", model="embed", encoder="base", threshold=0.3,
+                                      val_fraction=0.34),
                 embedder=embedder, log=lambda *a: None)
     c = classifier.load(tmp_path / "art")
     c._embedder = embedder
@@ -178,7 +178,7 @@ def test_bad_training_data(tmp_path):
     data = tmp_path / "bad.jsonl"
     data.write_text('{"text": "a", "label": "x"}\nnot json\n')
     with pytest.raises(InvalidArgument, match="bad.jsonl:2"):
-        train(TrainConfig(data=data, out=tmp_path / "art", model="tfidf"), log=lambda *a: None)
+        train(ClassifierTrainConfig(data=data, out=tmp_path / "art", model="tfidf", encoder="base"), log=lambda *a: None)
 
 
 def test_thread_safe_predict(clf):
@@ -237,7 +237,7 @@ def test_heldout_sets_never_seen_in_training():
 
 
 def test_cli_train_eval_predict(tmp_path, capsys, trained):
-    from router.cli import main
+    from cli import main
 
     root, _ = trained
     assert main(["classifier", "eval", "--path", str(root), "--json"]) == 0
@@ -256,24 +256,40 @@ def test_cli_train_eval_predict(tmp_path, capsys, trained):
 
 
 def test_ensure_default_is_idempotent(trained, monkeypatch, tmp_path):
-    import router.paths
-
     root, _ = trained
     home = tmp_path / "home"
     shutil.copytree(root / "v1", home / "classifier" / "v1")
     artifact.set_current(home / "classifier", "v1")
-    monkeypatch.setenv(router.paths.ENV_HOME, str(home))
-    first = classifier.ensure_default()
-    # an artifact built from the shipped seed with another recipe/seed version is rebuilt once, then kept
-    assert first == home / "classifier" / "v1" or classifier._stale_default(home / "classifier" / "v1")
-    assert classifier.ensure_default() == first
+    monkeypatch.setenv("SPECIALIST_ROUTER_HOME", str(home))
+    # `trained` is this release's recipe on the shipped seed: it is kept as it is, on every call
+    assert not classifier._stale_default(home / "classifier" / "v1")
+    assert classifier.ensure_default() == home / "classifier" / "v1"
+    assert classifier.ensure_default() == home / "classifier" / "v1"
+
+
+def test_ensure_default_rebuilds_a_stale_default_once(trained, monkeypatch, tmp_path):
+    root, _ = trained
+    home = tmp_path / "home"
+    shutil.copytree(root / "v1", home / "classifier" / "old")
+    meta_path = home / "classifier" / "old" / "metadata.json"
+    meta = json.loads(meta_path.read_text())
+    meta["kind"] = "combined"  # built by an older release's recipe
+    meta_path.write_text(json.dumps(meta))
+    artifact.set_current(home / "classifier", "old")
+    monkeypatch.setenv("SPECIALIST_ROUTER_HOME", str(home))
+    assert classifier._stale_default(home / "classifier" / "old")
+    rebuilt = classifier.ensure_default()
+    assert rebuilt.parent == home / "classifier" and rebuilt.name != "old"
+    assert not classifier._stale_default(rebuilt)
+    assert artifact.resolve(home / "classifier") == rebuilt  # `current` points at the new build
+    assert classifier.ensure_default() == rebuilt  # and it is kept from then on
 
 
 @pytest.fixture(scope="module")
 def combined(tmp_path_factory, embedder):
     """The default kind, trained once on the seed set: (train result, loaded classifier)."""
     root = tmp_path_factory.mktemp("combined")
-    res = train(TrainConfig(data=classifier.seed_path(), out=root, model="combined", version="c1",
+    res = train(ClassifierTrainConfig(data=classifier.seed_path(), out=root, model="combined", version="c1",
                             encoder_lora=SHIPPED), embedder=embedder, log=lambda *a: None)
     c = classifier.load(root)
     c._embedder = embedder
@@ -300,14 +316,15 @@ def test_window_defaults_agree():
     """Training, the encoder fine-tune, the CLI and prediction all default to the same embedding window."""
     import argparse
 
-    from classifier.cli import add_commands
     from classifier.finetune import FinetuneConfig
+    from cli.classifier import add_commands
 
     p = argparse.ArgumentParser()
     add_commands(p.add_subparsers())
-    args = p.parse_args(["classifier", "train"])
-    assert TrainConfig(data=None, out=None).max_tokens == FinetuneConfig().max_tokens == DEFAULT_MAX_TOKENS
-    assert args.max_tokens == DEFAULT_MAX_TOKENS
+    train_parser = p._subparsers._group_actions[0].choices["classifier"]._subparsers._group_actions[0].choices["train"]
+    flag = next(a for a in train_parser._actions if "--max-tokens" in a.option_strings)
+    assert ClassifierTrainConfig().max_tokens == FinetuneConfig().max_tokens == DEFAULT_MAX_TOKENS
+    assert f"default: {DEFAULT_MAX_TOKENS}]" in flag.help  # the CLI shows (and uses) the config's default
 
 
 def test_embedding_window(embedder):
@@ -316,9 +333,9 @@ def test_embedding_window(embedder):
     X256, t256 = embedder.encode([text], max_tokens=256)
     assert t128 == [True] and t256 == [False] and X128.shape == X256.shape == (1, 384)
     with pytest.raises(InvalidArgument, match="max_tokens"):
-        TrainConfig(data=classifier.seed_path(), out=classifier.seed_path().parent, max_tokens=1000).validate()
+        ClassifierTrainConfig(data=classifier.seed_path(), out=classifier.seed_path().parent, max_tokens=1000).validate()
     with pytest.raises(InvalidArgument, match="quantization"):
-        TrainConfig(data=classifier.seed_path(), out=classifier.seed_path().parent, quant="fp8").validate()
+        ClassifierTrainConfig(data=classifier.seed_path(), out=classifier.seed_path().parent, quant="fp8").validate()
     # int8 stays close to the float32 encoder it approximates (same direction, ~0.9+ cosine on real text)
     from classifier.embed import shared
 
@@ -356,7 +373,7 @@ def test_finetuned_encoder_artifact(tmp_path):
     data = tmp_path / "two.jsonl"
     data.write_text("".join(json.dumps({"text": t, "label": l}) + "\n" for t, l in TWO_TASK_ROWS))
     logs = []
-    cfg = TrainConfig(data=data, out=tmp_path / "art", model="embed", encoder="finetune", finetune_epochs=2,
+    cfg = ClassifierTrainConfig(data=data, out=tmp_path / "art", model="embed", encoder="finetune", finetune_epochs=2,
                       max_tokens=32, val_fraction=0.25, version="f1")
     res = train(cfg, log=logs.append)
     enc = res.metadata["encoder"]
@@ -374,15 +391,15 @@ def test_finetuned_encoder_artifact(tmp_path):
     assert c.predict(texts)[0][0] == "code"
     # the same data and recipe reuse the cached fine-tune
     logs.clear()
-    train(TrainConfig(**{**cfg.__dict__, "version": "f2"}), log=logs.append)
+    train(ClassifierTrainConfig(**{**cfg.__dict__, "version": "f2"}), log=logs.append)
     assert any("reusing the fine-tuned encoder" in str(m) for m in logs)
     # the same encoder reused by file on the same data and split: its validation rows are known to be unseen;
     # on another split they may not be, and train says so
-    same = train(TrainConfig(**{**cfg.__dict__, "version": "f3", "encoder": "base", "encoder_lora": lora}),
+    same = train(ClassifierTrainConfig(**{**cfg.__dict__, "version": "f3", "encoder": "auto", "encoder_lora": lora}),
                  log=logs.append)
     assert same.metadata["encoder"]["validation_unseen_by_encoder"] is True
     logs.clear()
-    other = train(TrainConfig(**{**cfg.__dict__, "version": "f4", "encoder_lora": lora, "seed": 1}), log=logs.append)
+    other = train(ClassifierTrainConfig(**{**cfg.__dict__, "version": "f4", "encoder_lora": lora, "seed": 1}), log=logs.append)
     assert other.metadata["encoder"]["validation_unseen_by_encoder"] is False
     assert any("may not be held out" in str(m) for m in logs)
     with open(lora, "r+b") as fh:
@@ -391,7 +408,7 @@ def test_finetuned_encoder_artifact(tmp_path):
     with pytest.raises(FailedPrecondition, match="sha256"):
         classifier.load(res.path)
     with pytest.raises(InvalidArgument, match="--encoder"):
-        TrainConfig(data=data, out=tmp_path, encoder="bert-large").validate()
+        ClassifierTrainConfig(data=data, out=tmp_path, encoder="bert-large").validate()
 
 
 def test_finetune_fewer_layers(tmp_path):
@@ -400,7 +417,8 @@ def test_finetune_fewer_layers(tmp_path):
     import numpy as np
 
     from classifier.embed import Embedder
-    from classifier.finetune import FinetuneConfig, finetune, read_summary
+    from classifier.encoder_lora import read_summary
+    from classifier.finetune import FinetuneConfig, finetune
 
     lora = tmp_path / "l3.safetensors"
     texts, labels = [t for t, _ in TWO_TASK_ROWS], [v for _, v in TWO_TASK_ROWS]

@@ -5,9 +5,9 @@ import shutil
 
 import pytest
 
+from basemodel import ModelError, fingerprint, prepare, verify
+from cli import main
 from router import config
-from router.cli import main
-from router.model import ModelError, fingerprint, prepare, verify
 
 
 def test_config_precedence_defaults_file_env_flags(tmp_path, monkeypatch):
@@ -47,7 +47,7 @@ def test_model_prepare_is_idempotent_and_verified(model_dir):
     # the turn ends where the model says it does: EOS/PAD = <|im_end|> (the GGUF metadata says <|im_start|>)
     import json
 
-    from router.model import RECIPE
+    from basemodel import RECIPE
 
     assert m["recipe"] == RECIPE
     tok_cfg = json.loads((model_dir / "tokenizer_config.json").read_text())
@@ -60,7 +60,7 @@ def test_model_folder_of_an_older_recipe_is_rebuilt(model_dir, tmp_path):
     """A folder made by an older conversion is rebuilt in place; its weights fingerprint does not change."""
     import json
 
-    from router.model import MANIFEST, RECIPE
+    from basemodel import MANIFEST, RECIPE
 
     old = tmp_path / "model"
     shutil.copytree(model_dir, old)

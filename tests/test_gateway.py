@@ -1,14 +1,12 @@
 """Serving core against real parts: real vLLM CPU server, real gRPC gateway on loopback, the SDK as client."""
 from __future__ import annotations
 
-
 import grpc
 import httpx
 import pytest
-from conftest import poll
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from router.client import Client, RouterError
+from router.client import Client, GatewayError, RetryPolicy
 from router.v1 import router_pb2 as pb
 
 pytestmark = pytest.mark.vllm
@@ -59,9 +57,7 @@ def test_stream_deltas_concatenate_to_unary_text(client):
     assert last.timings.total_ms >= last.timings.ttft_ms > 0
 
 
-def test_lora_loaded_at_runtime_changes_output_and_unload_restores(client, gateway, model_dir, tmp_path):
-    from lora_fixtures import make_lora
-
+def test_lora_loaded_at_runtime_changes_output_and_unload_restores(client, gateway, model_dir, tmp_path, make_lora):
     path = make_lora(model_dir, tmp_path / "lora-a", seed=11)
     base = client.generate(PROMPT, max_tokens=24, temperature=0)
     client.admin.LoadAdapter(pb.LoadAdapterRequest(name="test-a", path=str(path)), timeout=120)
@@ -71,7 +67,7 @@ def test_lora_loaded_at_runtime_changes_output_and_unload_restores(client, gatew
     assert with_lora.adapter == "test-a" and with_lora.route.reason == "adapter_override"
     assert with_lora.text != base.text
     client.admin.UnloadAdapter(pb.UnloadAdapterRequest(name="test-a"), timeout=60)
-    with pytest.raises(RouterError) as e:
+    with pytest.raises(GatewayError) as e:
         client.generate(PROMPT, max_tokens=4, adapter="test-a")
     assert e.value.code == grpc.StatusCode.NOT_FOUND
     again = client.generate(PROMPT, max_tokens=24, temperature=0)
@@ -89,7 +85,7 @@ def test_lora_loaded_at_runtime_changes_output_and_unload_restores(client, gatew
     ({"top_p": 0.0}, PROMPT, "top_p"),
 ])
 def test_bad_requests_are_invalid_argument(client, kwargs, messages, fragment):
-    with pytest.raises(RouterError) as e:
+    with pytest.raises(GatewayError) as e:
         client.generate(messages, **kwargs)
     assert e.value.code == grpc.StatusCode.INVALID_ARGUMENT
     assert fragment in e.value.message
@@ -98,41 +94,41 @@ def test_bad_requests_are_invalid_argument(client, kwargs, messages, fragment):
 
 def test_prompt_longer_than_context_is_invalid_argument(client):
     long = [{"role": "user", "content": "word " * 5000}]
-    with pytest.raises(RouterError) as e:
+    with pytest.raises(GatewayError) as e:
         client.generate(long, max_tokens=16)
     assert e.value.code == grpc.StatusCode.INVALID_ARGUMENT
     assert "context" in e.value.message.lower() or "length" in e.value.message.lower()
 
 
 def test_stream_errors_use_the_same_statuses(client):
-    with pytest.raises(RouterError) as e:
+    with pytest.raises(GatewayError) as e:
         list(client.stream([{"role": "robot", "content": "x"}]))
     assert e.value.code == grpc.StatusCode.INVALID_ARGUMENT
-    with pytest.raises(RouterError) as e:
+    with pytest.raises(GatewayError) as e:
         list(client.stream(PROMPT, adapter="no-such-adapter"))
     assert e.value.code == grpc.StatusCode.NOT_FOUND
     assert "no-such-adapter" in e.value.message
 
 
 def test_unknown_adapter_is_not_found(client):
-    with pytest.raises(RouterError) as e:
+    with pytest.raises(GatewayError) as e:
         client.generate(PROMPT, adapter="nope@1")
     assert e.value.code == grpc.StatusCode.NOT_FOUND
     assert "adapters list" in e.value.message
 
 
 def test_unknown_task_override_is_invalid(gateway_factory):
-    # with no classifier the known tasks are the routed ones; an unknown override still says what to use
-    gw = gateway_factory({"task_adapters": {}})
-    gw.gateway.classifier = type("C", (), {"tasks": ["code", "general"], "threshold": 0.5})()
+    # the real default classifier knows the task set; an unknown override says which tasks exist
+    gw = gateway_factory({"classifier": {"enabled": True}})
     with Client(gw.target, timeout=60) as c:
-        with pytest.raises(RouterError) as e:
+        with pytest.raises(GatewayError) as e:
             c.generate(PROMPT, task="astrology", max_tokens=4)
     assert e.value.code == grpc.StatusCode.INVALID_ARGUMENT and "astrology" in e.value.message
+    assert "'code'" in e.value.message and "'general'" in e.value.message  # it lists the known tasks
 
 
-def test_deadline_exceeded_aborts_in_vllm(client, vllm_server):
-    with pytest.raises(RouterError) as e:
+def test_deadline_exceeded_aborts_in_vllm(client, vllm_server, poll):
+    with pytest.raises(GatewayError) as e:
         client.generate([{"role": "user", "content": "Write a very long story about a dragon."}],
                         max_tokens=1500, temperature=1.0, seed=1, timeout=3)
     assert e.value.code == grpc.StatusCode.DEADLINE_EXCEEDED
@@ -140,12 +136,12 @@ def test_deadline_exceeded_aborts_in_vllm(client, vllm_server):
     poll(lambda: running_requests(vllm_server) == 0, timeout_s=20, what="vLLM to abort the request")
 
 
-def test_client_cancel_aborts_in_vllm(gateway, vllm_server):
+def test_client_cancel_aborts_in_vllm(gateway, vllm_server, poll):
     with Client(gateway.target, timeout=300) as c:
         it = c.stream([{"role": "user", "content": "Write a very long story about a castle."}],
                       max_tokens=1500, temperature=1.0, seed=2)
         first = next(it)
-        assert first.delta or first.finished is False
+        assert not first.finished, "a 1500-token story must still be streaming after its first message"
         poll(lambda: running_requests(vllm_server) >= 1, timeout_s=20, what="the request to run")
         it.close()  # the SDK cancels the call
     poll(lambda: running_requests(vllm_server) == 0, timeout_s=20, what="vLLM to abort the cancelled request")
@@ -155,9 +151,8 @@ def test_backend_down_is_unavailable(gateway_factory):
     from router.managed import free_port
 
     gw = gateway_factory({"backend": {"url": f"http://127.0.0.1:{free_port()}"}})
-    with Client(gw.target, timeout=30) as c:
-        c.retry.attempts = 2
-        with pytest.raises(RouterError) as e:
+    with Client(gw.target, timeout=30, retry=RetryPolicy(attempts=2)) as c:
+        with pytest.raises(GatewayError) as e:
             c.generate(PROMPT, max_tokens=4)
     assert e.value.code == grpc.StatusCode.UNAVAILABLE
     assert "retry" in e.value.message

@@ -1,4 +1,4 @@
-"""router.logs: real SQLite in tmp_path, real ShareGPT data, real child processes. No mocks."""
+"""convlog: real SQLite in tmp_path, real ShareGPT data, real child processes. No mocks."""
 from __future__ import annotations
 
 import asyncio
@@ -14,12 +14,11 @@ from pathlib import Path
 
 import pytest
 
-from router.errors import FailedPrecondition, InvalidArgument, NotFound
-from router.logs.pii import PiiPolicy, luhn_valid
-from router.logs.schema import LogRecord
-from router.logs.store import SCHEMA_VERSION, LogWriteError, open_store
-from router.logs.validation import validate_record_sizes
-from router.logs.writer import AsyncLogWriter
+from convlog.pii import PiiPolicy, luhn_valid
+from convlog.schema import LogRecord
+from convlog.store import SCHEMA_VERSION, LogWriteError, open_store
+from convlog.writer import AsyncLogWriter
+from core.errors import FailedPrecondition, InvalidArgument, NotFound
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -214,9 +213,9 @@ async def test_read_only_store_writer_reports_failure(tmp_path):
 
 CHILD = textwrap.dedent("""
     import asyncio, sys, time
-    from router.logs.schema import LogRecord
-    from router.logs.store import open_store
-    from router.logs.writer import AsyncLogWriter
+    from convlog.schema import LogRecord
+    from convlog.store import open_store
+    from convlog.writer import AsyncLogWriter
 
     async def one(w, i):
         rid = f"crash-{i}"
@@ -312,20 +311,8 @@ def test_pii_off_and_messages():
         PiiPolicy("mask", extra_patterns=["(unclosed"])
 
 
-def test_validate_record_sizes():
-    validate_record_sizes([{"role": "user", "content": "x" * 10}], 10)
-    with pytest.raises(InvalidArgument, match=r"messages\[1\].*20 characters; the limit is 10"):
-        validate_record_sizes([{"role": "system", "content": "s"}, {"role": "user", "content": "x" * 20}], 10)
-    validate_record_sizes([{"role": "user", "content": "x" * 10**6}], None)  # cap disabled
-    with pytest.raises(InvalidArgument):
-        validate_record_sizes([{"role": "user", "content": "x" * 6}] * 2, 10, max_total_chars=10)
-
-
-# ------------------------------------------------------------------------------- export + import
-
-
 def _cli(*argv: str) -> int:
-    from router.cli import main
+    from cli import main
 
     return main(list(argv))
 
@@ -373,7 +360,7 @@ def test_cli_stats_purge_forget_check(tmp_path, capsys):
 
 
 def test_import_sharegpt_idempotent(tmp_path):
-    from router.logs.sharegpt_import import import_sharegpt
+    from convlog.sharegpt_import import import_sharegpt
 
     def classify(texts):
         return [("code" if "def " in t or "```" in t else "general", 0.5) for t in texts]
@@ -395,8 +382,8 @@ def test_import_sharegpt_idempotent(tmp_path):
 
 def test_import_sharegpt_classifies_last_non_empty_user_turn(tmp_path):
     # real ShareGPT has empty user turns; the classifier refuses empty text, so the last non-empty one is sent
-    from router.logs.sharegpt_import import import_sharegpt
-    from router.sharegpt import Conversation
+    from convlog.sharegpt import Conversation
+    from convlog.sharegpt_import import import_sharegpt
 
     conv = Conversation("x1", ({"role": "user", "content": "fix my SQL"}, {"role": "assistant", "content": "ok"},
                                {"role": "user", "content": "  "}, {"role": "assistant", "content": "SELECT 1;"}))

@@ -7,12 +7,11 @@ import signal
 
 import grpc
 import pytest
-from conftest import poll
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from adapters.registry import Registry
-from router.client import Client, RouterError
-from router.model import fingerprint
+from basemodel import fingerprint
+from router.client import Client, GatewayError, RetryPolicy
 from router.v1 import router_pb2 as pb
 
 pytestmark = pytest.mark.vllm
@@ -35,15 +34,13 @@ def health(target: str) -> int:
             return -1
 
 
-def test_managed_vllm_crash_is_unavailable_then_restarted_with_adapters(gateway_factory, model_dir, tmp_path):
-    from lora_fixtures import make_lora
-
+def test_managed_vllm_crash_is_unavailable_then_restarted_with_adapters(gateway_factory, model_dir, tmp_path, poll, make_lora):
     reg = Registry(tmp_path / "registry")
     reg.register("code", make_lora(model_dir, tmp_path / "v1", seed=31),
                  base_model_id="HuggingFaceTB/SmolLM2-135M-Instruct", base_fingerprint=fingerprint(model_dir))
     gw = gateway_factory({"registry": str(reg.root), "backend": {"mode": "managed", "model": str(model_dir),
                                                                  "max_loras": 2, "max_cpu_loras": 4}}, external=False)
-    managed = gw.gateway.managed
+    managed = gw.server.managed
     assert managed is not None and managed.alive()
     with gw_stopped(gw), Client(gw.target, timeout=300) as c:
         c.admin.DeployAdapter(pb.DeployAdapterRequest(task="code", version="1"), timeout=300)
@@ -54,9 +51,8 @@ def test_managed_vllm_crash_is_unavailable_then_restarted_with_adapters(gateway_
         os.killpg(old_pid, signal.SIGKILL)  # a real crash of the engine
         poll(lambda: health(gw.target) == health_pb2.HealthCheckResponse.NOT_SERVING, timeout_s=30,
              what="health to report the crash")
-        c.retry.attempts = 1
-        with pytest.raises(RouterError) as e:
-            c.generate(PROMPT, max_tokens=4)
+        with Client(gw.target, timeout=30, retry=RetryPolicy(attempts=1)) as once, pytest.raises(GatewayError) as e:
+            once.generate(PROMPT, max_tokens=4)
         assert e.value.code == grpc.StatusCode.UNAVAILABLE
         poll(lambda: managed.proc.pid != old_pid and managed.alive(), timeout_s=60, what="the restart to begin")
         # SERVING again only once the restarted vLLM answers *and* has its adapters back
@@ -67,12 +63,9 @@ def test_managed_vllm_crash_is_unavailable_then_restarted_with_adapters(gateway_
         assert after.adapter == "code@1" and after.text == before.text
 
 
-def test_six_specialists_on_two_slots_all_answer_correctly(gateway_factory, model_dir, tmp_path):
+def test_six_specialists_on_two_slots_all_answer_correctly(gateway_factory, model_dir, tmp_path, make_lora):
     """More production adapters (6) than batch slots (--max-loras 2) and CPU cache (--max-cpu-loras 4)."""
     from concurrent.futures import ThreadPoolExecutor
-
-    from lora_fixtures import make_lora
-
     tasks = ["code", "math", "writing", "translation", "summarization", "extraction"]
     reg = Registry(tmp_path / "registry")
     for i, t in enumerate(tasks):

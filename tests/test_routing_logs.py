@@ -9,10 +9,9 @@ import threading
 
 import grpc
 import pytest
-from conftest import ROOT, poll, write_ops_data
 
-from router.client import Client, RouterError
-from router.logs.store import open_store
+from convlog.store import open_store
+from router.client import Client, GatewayError, RetryPolicy
 from router.v1 import router_pb2 as pb
 
 pytestmark = pytest.mark.vllm
@@ -21,9 +20,7 @@ GENERAL_PROMPT = "What should I pack for a weekend hiking trip in the mountains?
 
 
 @pytest.fixture(scope="module")
-def routed_gateway(gateway_factory, model_dir, tmp_path_factory):
-    from lora_fixtures import make_lora
-
+def routed_gateway(gateway_factory, model_dir, tmp_path_factory, make_lora):
     d = tmp_path_factory.mktemp("routing")
     gw = gateway_factory({"classifier": {"enabled": True, "threads": 1},
                           "logs": {"enabled": True, "path": str(d / "logs.sqlite3")},
@@ -45,7 +42,7 @@ def test_code_prompt_goes_to_code_specialist(routed_gateway):
     import torch
 
     # classifier.threads=1 holds in the threads that classify (the test process's own setting is untouched)
-    assert routed_gateway.gateway._cls_pool.submit(torch.get_num_threads).result() == 1
+    assert routed_gateway.server.classifier._pool.submit(torch.get_num_threads).result() == 1
 
 
 def test_general_and_low_confidence_go_to_base(routed_gateway):
@@ -53,13 +50,13 @@ def test_general_and_low_confidence_go_to_base(routed_gateway):
     with Client(gw.target, timeout=300) as c:
         r = c.generate(GENERAL_PROMPT, max_tokens=8)
         assert r.adapter == "" and r.route.reason in ("general_task", "low_confidence", "no_adapter")
-        old = gw.gateway.cfg.classifier.threshold
-        gw.gateway.cfg.classifier.threshold = 1.01  # nothing is confident enough: everything abstains
+        old = gw.server.cfg.classifier.threshold
+        gw.server.cfg.classifier.threshold = 1.01  # nothing is confident enough: everything abstains
         try:
             r = c.generate(CODE_PROMPT, max_tokens=8)
             assert r.adapter == "" and r.route.reason == "low_confidence" and r.route.task == "code"
         finally:
-            gw.gateway.cfg.classifier.threshold = old
+            gw.server.cfg.classifier.threshold = old
 
 
 def test_overrides_win(routed_gateway):
@@ -68,22 +65,22 @@ def test_overrides_win(routed_gateway):
         assert r.adapter == "code-static" and r.route.reason == "task_override"
         r = c.generate(CODE_PROMPT, adapter="base", max_tokens=8)
         assert r.adapter == "" and r.route.reason == "adapter_override"
-        with pytest.raises(RouterError) as e:
+        with pytest.raises(GatewayError) as e:
             c.generate(CODE_PROMPT, task="astrology", max_tokens=8)
         assert e.value.code == grpc.StatusCode.INVALID_ARGUMENT and "known task" in e.value.message
-        with pytest.raises(RouterError) as e:
+        with pytest.raises(GatewayError) as e:
             c.classify("   ")
         assert e.value.code == grpc.StatusCode.INVALID_ARGUMENT
 
 
-def test_every_exchange_is_logged_with_route_and_feedback(routed_gateway):
+def test_every_exchange_is_logged_with_route_and_feedback(routed_gateway, poll):
     gw = routed_gateway
     with Client(gw.target, timeout=300) as c:
         ok = c.generate(CODE_PROMPT, max_tokens=8, temperature=0, client_id="tenant-a")
         streamed = [ch for ch in c.stream(GENERAL_PROMPT, max_tokens=8, client_id="tenant-a")]
-        with pytest.raises(RouterError):
+        with pytest.raises(GatewayError):
             c.generate(CODE_PROMPT, adapter="missing@1", client_id="tenant-a")
-        with pytest.raises(RouterError) as late:
+        with pytest.raises(GatewayError) as late:
             # greedy, so deterministic: a counting prompt runs far past the 3 s deadline (a sampled answer
             # could stop early and not time out)
             c.generate("Count from 1 to 500, writing every number in words on its own line.", max_tokens=1500,
@@ -115,28 +112,28 @@ def test_every_exchange_is_logged_with_route_and_feedback(routed_gateway):
         fb = c.feedback(ok.request_id, 5, comment="great")
         again = c.feedback(ok.request_id, 5, comment="great")
         assert fb.created and not again.created and fb.feedback_id == again.feedback_id
-        with pytest.raises(RouterError) as e:
+        with pytest.raises(GatewayError) as e:
             c.feedback("no-such-request", 3)
         assert e.value.code == grpc.StatusCode.NOT_FOUND
-        with pytest.raises(RouterError) as e:
+        with pytest.raises(GatewayError) as e:
             c.feedback(ok.request_id, 9)
         assert e.value.code == grpc.StatusCode.INVALID_ARGUMENT
         store.close()
 
 
-def test_reload_classifier_swaps_warm_and_releases_the_old_encoder(routed_gateway, tmp_path):
+def test_reload_classifier_swaps_warm_and_releases_the_old_encoder(routed_gateway, tmp_path, ops_data):
     """ReloadClassifier: a bad path is a clear error and the current classifier keeps serving; a good one is loaded
     and warmed before the swap; an encoder only the old classifier used is released; reload with no path goes
     back to the configured classifier."""
     from classifier.embed import _SHARED
-    from classifier.train import TrainConfig, train
+    from classifier.train import ClassifierTrainConfig, train
 
     gw = routed_gateway
-    data = write_ops_data(tmp_path / "ops.jsonl")
+    data = ops_data
     # the stock encoder (operators' --encoder base): not the fine-tuned one the default classifier uses
-    train(TrainConfig(data=data, out=tmp_path / "ops", model="embed", encoder="base", threshold=0.3,
+    train(ClassifierTrainConfig(data=data, out=tmp_path / "ops", model="embed", encoder="base", threshold=0.3,
                       val_fraction=0.34), log=lambda *a: None)
-    default_tasks = list(gw.gateway.classifier.tasks)
+    default_tasks = list(gw.server.classifier.current.tasks)
     with Client(gw.target, timeout=300) as c:
         with pytest.raises(grpc.RpcError) as e:
             c.admin.ReloadClassifier(pb.ReloadClassifierRequest(path=str(tmp_path / "nope")), timeout=60)
@@ -146,25 +143,25 @@ def test_reload_classifier_swaps_warm_and_releases_the_old_encoder(routed_gatewa
         try:
             r = c.admin.ReloadClassifier(pb.ReloadClassifierRequest(path=str(tmp_path / "ops")), timeout=120)
             assert sorted(r.tasks) == ["other", "refund", "status"]
-            assert gw.gateway.classifier._embedder is not None  # warmed before the swap
+            assert gw.server.classifier.current._embedder is not None  # warmed before the swap
             assert c.classify("Where is my parcel right now?").task == "status"
             assert {enc for _, enc in _SHARED} == {"base"}  # the fine-tuned encoder is no longer held
         finally:
             r = c.admin.ReloadClassifier(pb.ReloadClassifierRequest(), timeout=120)
         assert list(r.tasks) == default_tasks and c.classify(CODE_PROMPT).task == "code"
-        assert {enc for _, enc in _SHARED} == {gw.gateway.classifier.embedder.encoder_id}
+        assert {enc for _, enc in _SHARED} == {gw.server.classifier.current.embedder.encoder_id}
 
 
-def test_kill_9_gateway_under_load_loses_no_acknowledged_record(vllm_server, tmp_path):
+def test_kill_9_gateway_under_load_loses_no_acknowledged_record(vllm_server, tmp_path, poll, repo_root):
     """A gateway process is SIGKILLed while 4 clients stream; every fully received answer is in the log."""
     from router.managed import free_port
 
     port = free_port()
     db = tmp_path / "crash.sqlite3"
     env = dict(os.environ, SPECIALIST_ROUTER__LOGS__PATH=str(db))
-    proc = subprocess.Popen([sys.executable, "-m", "router.cli", "serve", "--backend-url", vllm_server.url,
+    proc = subprocess.Popen([sys.executable, "-m", "cli", "serve", "--backend-url", vllm_server.url,
                              "--model", str(vllm_server.model_dir), "--port", str(port), "--no-classifier",
-                             "--log-level", "WARNING"], cwd=ROOT, env=env, start_new_session=True,
+                             "--log-level", "WARNING"], cwd=repo_root, env=env, start_new_session=True,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     target = f"127.0.0.1:{port}"
     try:
@@ -173,21 +170,20 @@ def test_kill_9_gateway_under_load_loses_no_acknowledged_record(vllm_server, tmp
                 with Client(target, timeout=5) as c:
                     c.generate("hi", max_tokens=1)
                 return True
-            except RouterError:
+            except GatewayError:
                 return False
         poll(ready, timeout_s=120, interval_s=0.5, what="the gateway process to serve")
         acked: list[str] = []
         stop = threading.Event()
 
         def load(i):
-            with Client(target, timeout=60) as c:
-                c.retry.attempts = 1
+            with Client(target, timeout=60, retry=RetryPolicy(attempts=1)) as c:
                 while not stop.is_set():
                     try:
                         chunks = list(c.stream(f"Count to {i} please.", max_tokens=12, temperature=0))
                         if chunks and chunks[-1].finished:
                             acked.append(chunks[-1].request_id)
-                    except RouterError:
+                    except GatewayError:
                         return
 
         threads = [threading.Thread(target=load, args=(i,)) for i in range(4)]

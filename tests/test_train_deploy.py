@@ -3,11 +3,12 @@ AdminService -> the task's requests are answered by the new adapter version, who
 from __future__ import annotations
 
 import pytest
-from test_training import _fill, _fast
+from training_fixtures import fast_cfg, fill_store
 
 from adapters.registry import Registry
+from basemodel import fingerprint
+from cli.train import deploy_through_gateway
 from router.client import Client
-from router.model import fingerprint
 
 pytestmark = [pytest.mark.vllm, pytest.mark.slow]
 
@@ -20,10 +21,11 @@ def test_trained_specialist_is_gated_deployed_and_served(gateway_factory, model_
     with Client(gw.target, timeout=300) as c:
         base = c.generate(prompt, task="math", max_tokens=16, temperature=0)
         assert base.adapter == ""  # no math specialist yet: base model answers
-        _fill(tmp_path)
-        rep = training.run(_fast(tmp_path, "run", forgetting_bound=5.0, deploy=True, gateway=gw.target,
-                                 base_model=str(model_dir), served_fingerprint=fingerprint(model_dir)),
-                           show_progress=False)
+        fill_store(tmp_path)
+        cfg = fast_cfg(tmp_path, "run", forgetting_bound=5.0, deploy=True, gateway=gw.target,
+                       base_model=str(model_dir), served_fingerprint=fingerprint(model_dir))
+        # the SDK's DeployAdapter call, as `specialist-router train --deploy` passes it
+        rep = training.run(cfg, show_progress=False, deploy=deploy_through_gateway(cfg))
         assert rep.status == "deployed", (rep.status, rep.message, rep.gate, rep.deploy)
         reg = Registry(tmp_path / "registry")
         prod = reg.production("math")

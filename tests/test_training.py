@@ -4,60 +4,21 @@ from __future__ import annotations
 
 import json
 import os
-import random
 
 import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from router.errors import AlreadyExists, FailedPrecondition, InvalidArgument  # noqa: E402
-from router.logs.schema import LogRecord  # noqa: E402
+from training_fixtures import NUMBERS, T0, cfg_for, fast_cfg, fill_store, math_records, rec  # noqa: E402
 
-from training import config as C  # noqa: E402
-from training import data as D  # noqa: E402
-
-T0 = 1_700_000_000.0
-
-
-def rec(rid, prompt, answer, task="math", **kw) -> LogRecord:
-    base = dict(request_id=rid, created_at=T0 + kw.pop("dt", 0), messages=[{"role": "user", "content": prompt}],
-                response_text=answer, task=task, confidence=kw.pop("confidence", 0.95), finish_reason="stop")
-    base.update(kw)
-    return LogRecord(**base)
-
-
-NUMBERS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten", "eleven", "twelve",
-           "thirteen", "fourteen", "fifteen", "sixteen", "seventeen", "eighteen", "nineteen", "twenty"]
-WORDS = ["apple", "river", "mountain", "window", "garden", "yellow", "teacher", "bridge", "morning", "library",
-         "forest", "kitchen", "ocean", "pencil", "winter", "castle", "rabbit", "candle", "silver", "harbor"]
-FR = ["pomme", "rivière", "montagne", "fenêtre", "jardin", "jaune", "professeur", "pont", "matin", "bibliothèque",
-      "forêt", "cuisine", "océan", "crayon", "hiver", "château", "lapin", "bougie", "argent", "port"]
-
-
-def math_records(n, prefix="m", seed=0):
-    rnd = random.Random(seed)
-    out = []
-    for i in range(n):
-        a, b = rnd.randint(1, 60), rnd.randint(1, 60)
-        out.append(rec(f"{prefix}{i}", f"Compute {a} + {b}.", f"SUM: {a} + {b} = {a + b}. DONE.", dt=i))
-    return out
-
-
-def translation_records(n, prefix="t"):
-    return [rec(f"{prefix}{i}", f"Translate '{WORDS[i % 20]}' to French.", f"FR: {FR[i % 20]}", task="translation", dt=i)
-            for i in range(n)]
-
-
-def cfg_for(tmp_path, **kw):
-    base = {"task": "math", "db": str(tmp_path / "logs.sqlite3"), "registry": str(tmp_path / "registry"),
-            "min_records": 4, "pii": "mask", "num_threads": 2}
-    base.update(kw)
-    return C.load(None, base)
+from core.errors import AlreadyExists, FailedPrecondition, InvalidArgument  # noqa: E402
+from training import config as training_config  # noqa: E402
+from training import data as logdata  # noqa: E402
 
 
 @pytest.fixture
 def store(tmp_path):
-    from router.logs.store import open_store
+    from convlog.store import open_store
 
     s = open_store(tmp_path / "logs.sqlite3")
     yield s
@@ -70,7 +31,7 @@ def store(tmp_path):
 def test_each_filter_counts_what_it_drops(tmp_path, store):
     from transformers import AutoTokenizer
 
-    from router import model
+    import basemodel as model
     from training.format import token_counter
 
     good = [rec(f"g{i}", f"What is {NUMBERS[i]} times {NUMBERS[i + 1]} in a short sentence?",
@@ -98,9 +59,9 @@ def test_each_filter_counts_what_it_drops(tmp_path, store):
 
     cfg = cfg_for(tmp_path, since=str(T0 - 100), max_seq_len=256, min_eval_records=2)
     tok = AutoTokenizer.from_pretrained(str(model.prepare()))
-    records, feedback = D.load_logs(cfg)
+    records, feedback = logdata.load_logs(cfg)
     # the store applied the task + time window; feed everything to also exercise the in-memory selection
-    train, held, report = D.filter_records(recs, feedback, cfg, token_count=token_counter(tok))
+    train, held, report = logdata.filter_records(recs, feedback, cfg, token_count=token_counter(tok))
     dropped = report.dropped_by()
     assert dropped == {"select": 2, "failed_or_truncated": 2, "low_confidence": 1, "negative_feedback": 1,
                        "empty": 1, "refusal": 2, "exact_duplicate": 1, "near_duplicate": 1, "too_long": 1}, dropped
@@ -111,7 +72,7 @@ def test_each_filter_counts_what_it_drops(tmp_path, store):
     assert "jane.doe@example.com" not in json.dumps(kept["pii"].row()) and report.pii_scrubbed == 1
     assert report.train + report.eval == 10 and len(held) >= 2
     # deterministic split by request id
-    train2, held2, _ = D.filter_records(recs, feedback, cfg, token_count=token_counter(tok))
+    train2, held2, _ = logdata.filter_records(recs, feedback, cfg, token_count=token_counter(tok))
     assert [e.request_id for e in held2] == [e.request_id for e in held]
     assert report.steps[0].records_in == len(recs)
 
@@ -122,7 +83,7 @@ def test_long_multi_turn_record_keeps_its_latest_turns(tmp_path):
     restores the plain drop."""
     from transformers import AutoTokenizer
 
-    from router import model
+    import basemodel as model
     from training.format import token_counter
 
     tok = AutoTokenizer.from_pretrained(str(model.prepare()))
@@ -139,7 +100,7 @@ def test_long_multi_turn_record_keeps_its_latest_turns(tmp_path):
     assert count(multi.messages, multi.response_text)[1] > 256  # it does not fit as logged
 
     cfg = cfg_for(tmp_path, pii="off", max_seq_len=256, min_eval_records=1)
-    train, held, report = D.filter_records(recs, {}, cfg, token_count=count)
+    train, held, report = logdata.filter_records(recs, {}, cfg, token_count=count)
     kept = {e.request_id: e for e in train + held}
     assert "multi" in kept and "single" not in kept and report.history_trimmed == 1
     m = kept["multi"]
@@ -152,15 +113,15 @@ def test_long_multi_turn_record_keeps_its_latest_turns(tmp_path):
     assert report.dropped_by().get("too_long") == 1 and report.to_dict()["history_trimmed"] == 1
 
     cfg_off = cfg_for(tmp_path, pii="off", max_seq_len=256, min_eval_records=1, trim_history=False)
-    train, held, report = D.filter_records(recs, {}, cfg_off, token_count=count)
+    train, held, report = logdata.filter_records(recs, {}, cfg_off, token_count=count)
     assert {e.request_id for e in train + held} == {f"m{i}" for i in range(6)} and report.dropped_by()["too_long"] == 2
 
 
 def test_too_few_records_says_which_filter(tmp_path):
     cfg = cfg_for(tmp_path, min_records=5, pii="off")
     recs = math_records(3) + [rec("x", "Compute 1 + 1", "I'm sorry, but I can't do that.")]
-    _, _, report = D.filter_records(recs, {}, cfg)
-    msg = D.too_few_message(report, cfg.min_records)
+    _, _, report = logdata.filter_records(recs, {}, cfg)
+    msg = logdata.too_few_message(report, cfg.min_records)
     assert "only 3 usable records" in msg and "refusal removed 1" in msg and "4 records in" in msg
 
 
@@ -168,22 +129,22 @@ def test_config_precedence_and_bad_input(tmp_path, monkeypatch):
     f = tmp_path / "t.yaml"
     f.write_text("profile: quick\nlearning_rate: 0.001\nbatch_size: 2\nmax_steps: 7\n")
     monkeypatch.setenv("SPECIALIST_ROUTER_TRAIN__BATCH_SIZE", "3")
-    cfg = C.load(f, {"task": "code", "max_steps": 9})
+    cfg = training_config.load(f, {"task": "code", "max_steps": 9})
     assert (cfg.learning_rate, cfg.batch_size, cfg.max_steps, cfg.lora_r, cfg.lora_alpha) == (0.001, 3, 9, 16, 32)
     with pytest.raises(InvalidArgument, match="unknown task 'sql'"):
-        C.load(None, {"task": "sql"})
-    assert C.load(None, {"task": "sql", "tasks": "[sql, code]"}).task == "sql"
+        training_config.load(None, {"task": "sql"})
+    assert training_config.load(None, {"task": "sql", "tasks": "[sql, code]"}).task == "sql"
     with pytest.raises(InvalidArgument, match="device"):
-        C.load(None, {"task": "code", "device": "gpu0"})
+        training_config.load(None, {"task": "code", "device": "gpu0"})
 
 
 def test_cli_does_not_import_torch():
     import subprocess
     import sys
 
-    code = ("import sys; from router.cli import build_parser; p = build_parser(); "
+    code = ("import sys; from cli import build_parser; p = build_parser(); "
             "a = p.parse_args(['train', '--task', 'code', '--device', 'cuda:1']); "
-            "from training.cli import config_from_args; c = config_from_args(a); "
+            "from cli.train import config_from_args; c = config_from_args(a); "
             "from training.config import apply_device; apply_device(c.device); "
             "import os; print('torch' in sys.modules, os.environ['CUDA_VISIBLE_DEVICES'])")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
@@ -200,14 +161,14 @@ def test_trainer_trains_only_on_completion_tokens(tmp_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl import SFTTrainer
 
-    from router import model
-    from training.backends import _sft_config, TrainJob
+    import basemodel as model
+    from training.backends import TrainJob, _sft_config
     from training.format import IGNORE, tokenize_row
 
     mdir = str(model.prepare())
     tok = AutoTokenizer.from_pretrained(mdir)
-    rows = [e.row() for e in D.filter_records(math_records(4), {}, cfg_for(tmp_path, pii="off"))[0]
-            + D.filter_records(math_records(4), {}, cfg_for(tmp_path, pii="off"))[1]]
+    rows = [e.row() for e in logdata.filter_records(math_records(4), {}, cfg_for(tmp_path, pii="off"))[0]
+            + logdata.filter_records(math_records(4), {}, cfg_for(tmp_path, pii="off"))[1]]
     cfg = cfg_for(tmp_path, max_steps=1)
     job = TrainJob(cfg, mdir, rows, [], tmp_path / "ck", tmp_path / "ad")
     trainer = SFTTrainer(model=AutoModelForCausalLM.from_pretrained(mdir, dtype=torch.float32),
@@ -231,30 +192,15 @@ def test_trainer_trains_only_on_completion_tokens(tmp_path):
 # ---------------------------------------------------------------------------------------------------------
 # real training runs (SmolLM2-135M, a few LoRA steps)
 
-def _fill(tmp_path):
-    from router.logs.store import open_store
-
-    with open_store(tmp_path / "logs.sqlite3") as s:
-        s.write_many(math_records(14) + translation_records(12))
-
-
-def _fast(tmp_path, run, **kw):
-    base = dict(run_dir=str(tmp_path / run), max_steps=12, learning_rate=1e-3, batch_size=4, max_seq_len=128,
-                warmup_ratio=0.0, lr_scheduler="constant_with_warmup", save_steps=6, eval_steps=6,
-                eval_fraction=0.2, eval_max_records=8, forgetting_max_records=4, min_eval_records=3, pii="off")
-    base.update(kw)
-    return cfg_for(tmp_path, **base)
-
-
 @pytest.mark.slow
 def test_train_gate_register_then_refuse_worse_and_resume(tmp_path):
     import training
     from adapters.registry import Registry
 
-    _fill(tmp_path)
+    fill_store(tmp_path)
     # 1. a real run: loss falls, the gate passes, the adapter becomes the candidate
     # (overfitting 11 toy sums at lr 1e-3 really does raise the translation loss: the forgetting check is loosened here)
-    rep = training.run(_fast(tmp_path, "run1", forgetting_bound=5.0), show_progress=False)
+    rep = training.run(fast_cfg(tmp_path, "run1", forgetting_bound=5.0), show_progress=False)
     assert rep.train["steps"] == 12
     assert rep.train["final_loss"] < rep.train["first_loss"] * 0.7, rep.train
     assert rep.gate["passed"] and rep.status == "promoted", rep.gate
@@ -271,14 +217,14 @@ def test_train_gate_register_then_refuse_worse_and_resume(tmp_path):
 
     # 2. an existing run dir is refused without --resume
     with pytest.raises(AlreadyExists, match="--resume"):
-        training.run(_fast(tmp_path, "run1"), show_progress=False)
+        training.run(fast_cfg(tmp_path, "run1"), show_progress=False)
 
     # 3. interrupted run, then resume: continues from the last checkpoint (a barely trained adapter)
     weak = dict(learning_rate=1e-6, save_steps=2, eval_steps=100)
     with pytest.raises(KeyboardInterrupt):
-        _interrupting_run(_fast(tmp_path, "run2", max_steps=4, **weak), stop_after=3)
+        _interrupting_run(fast_cfg(tmp_path, "run2", max_steps=4, **weak), stop_after=3)
     assert (tmp_path / "run2" / "checkpoints" / "checkpoint-2").is_dir()
-    rep2 = training.run(_fast(tmp_path, "run2", max_steps=4, resume=True, **weak), show_progress=False)
+    rep2 = training.run(fast_cfg(tmp_path, "run2", max_steps=4, resume=True, **weak), show_progress=False)
     assert rep2.train["resumed_from"].endswith("checkpoint-2") and rep2.train["steps"] == 4
 
     # 4. ... and the gate refuses it: not better than production (nor the base) by the margin; nothing registered
@@ -310,7 +256,7 @@ def _interrupting_run(cfg, stop_after: int):
 def test_too_few_records_refused_with_counts(tmp_path):
     import training
 
-    _fill(tmp_path)
+    fill_store(tmp_path)
     with pytest.raises(FailedPrecondition, match=r"only \d+ usable records for task 'math'.*low_confidence removed 14"):
-        training.run(_fast(tmp_path, "run3", min_confidence=0.99, min_records=4), show_progress=False)
+        training.run(fast_cfg(tmp_path, "run3", min_confidence=0.99, min_records=4), show_progress=False)
     assert json.loads((tmp_path / "run3" / "report.json").read_text())["status"] == "too_few_records"

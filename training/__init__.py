@@ -5,12 +5,12 @@ does not import torch (the device must be chosen first).
 """
 from __future__ import annotations
 
-from .config import PROFILES, TrainConfig, load
+from training.config import PROFILES, TrainConfig, load
 
 
 def run(cfg: TrainConfig, **kw):
     """Run one training job end to end; see `training.pipeline.run`."""
-    from .pipeline import run as _run
+    from training.pipeline import run as _run  # lazy: the pipeline loads torch, which must follow apply_device()
 
     return _run(cfg, **kw)
 

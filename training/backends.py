@@ -14,7 +14,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from router.errors import InvalidArgument, ResourceExhausted
+from core.errors import InvalidArgument, ResourceExhausted
 
 ATTENTION_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj"]
 MLP_MODULES = ["gate_proj", "up_proj", "down_proj"]
@@ -62,6 +62,7 @@ def is_oom(exc: BaseException) -> bool:
 
 
 def _sft_config(job: TrainJob, on_cuda: bool):
+    # lazy: trl pulls in torch + transformers; only training needs it
     from trl import SFTConfig
 
     cfg = job.cfg
@@ -108,6 +109,7 @@ def sft_trainer_class(on_cuda: bool):
     cross-entropy on the same `labels` (-100 on prompt tokens), so the objective is unchanged (completion
     tokens only); only trl's entropy / token-accuracy metrics are not logged.
     """
+    # lazy: transformers + torch cost ~3 s to import; only code that runs a model needs them
     from transformers import Trainer
     from trl import SFTTrainer
 
@@ -123,9 +125,9 @@ def sft_trainer_class(on_cuda: bool):
 
 
 def _run_trainer(job: TrainJob, model, tokenizer, peft_config, name: str, target_modules: list) -> TrainOutput:
-    from datasets import Dataset
-
+    # lazy: torch costs ~1.6 s to import; only code that runs a model needs it
     import torch
+    from datasets import Dataset
 
     on_cuda = torch.cuda.is_available() and job.cfg.device != "cpu"
     cols = ("prompt", "completion")
@@ -147,6 +149,7 @@ class PeftTrlBackend:
     name = "peft"
 
     def train(self, job: TrainJob) -> TrainOutput:
+        # lazy: torch costs ~1.6 s to import; only code that runs a model needs it
         import torch
         from peft import LoraConfig
         from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -182,6 +185,7 @@ class UnslothBackend:
     name = "unsloth"
 
     def __init__(self):
+        # lazy: unsloth needs CUDA (its import raises on CPU); only the unsloth backend imports it
         import unsloth  # noqa: F401  (raises NotImplementedError without a GPU, ImportError when absent)
         from unsloth import FastLanguageModel
 

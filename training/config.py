@@ -9,14 +9,16 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from dataclasses import dataclass, field
+import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from core import config
+from core.config import setting as _f
+from core.envs import TRAIN_PREFIX
+from core.errors import ConfigError
 
-from router.config import ConfigError, apply
-
-ENV_PREFIX = "SPECIALIST_ROUTER_TRAIN__"
 DEFAULT_TASKS = ("code", "math", "writing", "translation", "summarization", "extraction", "general")
 
 # Step budgets and shapes per profile. `quick` fits in <= 20 min wall on a 2-core CPU including data prep
@@ -31,12 +33,6 @@ PROFILES: dict[str, dict[str, Any]] = {
 }
 
 
-def _f(default: Any, help: str) -> Any:
-    if isinstance(default, (list, dict)):
-        return field(default_factory=lambda d=default: type(d)(d), metadata={"help": help})
-    return field(default=default, metadata={"help": help})
-
-
 @dataclass
 class TrainConfig:
     """One run: select + filter the task's logs, train a LoRA specialist, evaluate, gate, register, deploy."""
@@ -44,7 +40,8 @@ class TrainConfig:
     # what
     task: str = _f("", "Task to build a specialist for; must be one of `tasks`.")
     tasks: list = _f(list(DEFAULT_TASKS), "Known task set (the classifier's). Other tasks' data measures forgetting.")
-    profile: str = _f("quick", "Step budget and shapes: quick (CPU, <= 20 min), standard, full (GPU).")
+    profile: str = _f("quick", "Step budget and shapes: quick (CPU, <= 20 min), standard, full (GPU).",
+                      choices=("quick", "standard", "full"))
     # where
     db: str = _f("", "Log store (SQLite file); empty: <data dir>/logs/router.sqlite3.")
     since: str = _f("", "Only logs created at/after this time (ISO 8601 like 2025-01-31T00:00 or unix seconds).")
@@ -58,14 +55,15 @@ class TrainConfig:
     registry: str = _f("", "Adapter registry root; empty: <data dir>/adapters.")
     # device / backend
     device: str = _f("cpu", "cpu | cuda | cuda:N. Applied before torch is imported (CUDA_VISIBLE_DEVICES).")
-    backend: str = _f("auto", "Trainer: auto (unsloth on CUDA when installed, else peft) | peft | unsloth.")
+    backend: str = _f("auto", "Trainer: auto (unsloth on CUDA when installed, else peft) | peft | unsloth.",
+                      choices=("auto", "peft", "unsloth"))
     num_threads: int = _f(2, "CPU threads for torch (torch.set_num_threads); 0 keeps torch's default.")
     # data filters
     min_confidence: float = _f(0.8, "Keep only records whose classifier confidence is >= this.")
     min_records: int = _f(16, "Refuse to train with fewer records than this after filtering.")
     near_dup_threshold: float = _f(0.85, "Jaccard similarity (MinHash, word 3-shingles) above which records are near-duplicates.")
     minhash_perm: int = _f(64, "MinHash permutations (more: more exact, slower).")
-    pii: str = _f("mask", "PII scrubbing of training text with the shared policy: mask | off.")
+    pii: str = _f("mask", "PII scrubbing of training text with the shared policy: mask | off.", choices=("mask", "off"))
     min_completion_tokens: int = _f(2, "Drop answers shorter than this many tokens.")
     max_prompt_tokens: int = _f(0, "Drop records whose prompt is longer than this many tokens; 0: max_seq_len - min_completion_tokens.")
     trim_history: bool = _f(True, "A too-long multi-turn record keeps its system prompt, its last user turn and as many of the latest earlier turns as fit, instead of being dropped.")
@@ -78,7 +76,7 @@ class TrainConfig:
     lora_dropout: float = _f(0.05, "LoRA dropout.")
     target_modules: list = _f([], "Modules to adapt; empty: attention + MLP projections (attention only for GPT-OSS).")
     learning_rate: float = _f(2e-4, "Peak learning rate.")
-    lr_scheduler: str = _f("cosine", "cosine | constant_with_warmup | linear.")
+    lr_scheduler: str = _f("cosine", "Learning-rate schedule.", choices=("cosine", "constant_with_warmup", "linear"))
     warmup_ratio: float = _f(0.05, "Share of steps spent warming up (0.03-0.1 is usual).")
     max_steps: int = _f(60, "Optimizer steps (set by the profile).")
     batch_size: int = _f(4, "Sequences per device step (lower it on out-of-memory).")
@@ -146,31 +144,23 @@ class TrainConfig:
         return dataclasses.asdict(self)
 
 
-def _env_overrides() -> dict:
-    return {k[len(ENV_PREFIX):].lower(): v for k, v in os.environ.items() if k.startswith(ENV_PREFIX) and len(k) > len(ENV_PREFIX)}
-
-
 def load(config_file: str | Path | None = None, overrides: dict | None = None) -> TrainConfig:
     """defaults < profile < YAML file < environment < overrides (CLI flags), then validate."""
-    from router.config import read_yaml_mapping
-
-    file_data: dict = read_yaml_mapping(config_file) if config_file else {}
-    env = _env_overrides()
+    file_data: dict = config.read_yaml_mapping(config_file) if config_file else {}
+    env = config.env_overrides(TRAIN_PREFIX)
     overrides = {k: v for k, v in (overrides or {}).items() if v is not None}
     profile = str(overrides.get("profile") or env.get("profile") or file_data.get("profile") or "quick")
     if profile not in PROFILES:
         raise ConfigError(f"unknown profile {profile!r}; choose one of {', '.join(PROFILES)}")
-    cfg = TrainConfig(profile=profile)
-    apply(cfg, PROFILES[profile])
-    for layer in (file_data, env, overrides):
-        apply(cfg, layer)
+    layers = [{"profile": profile}, PROFILES[profile], file_data, env, overrides]
+    cfg = TrainConfig()
+    for layer in layers:
+        config.apply(cfg, layer)
     return cfg.validate()
 
 
 def apply_device(device: str) -> None:
     """Make `device` the only visible accelerator. Must run before torch is imported."""
-    import sys
-
     if device == "cpu":
         os.environ["CUDA_VISIBLE_DEVICES"] = ""
     elif device.startswith("cuda:"):

@@ -13,10 +13,14 @@ import re
 import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
+from pathlib import Path
 from typing import Callable, Iterable
 
-from router.errors import FailedPrecondition, InvalidArgument
-from router.logs.schema import Feedback, LogRecord
+from convlog.pii import PiiPolicy
+from convlog.schema import Feedback, LogRecord
+from convlog.store import open_store
+from core import paths
+from core.errors import FailedPrecondition, InvalidArgument
 
 REFUSAL_PATTERNS = (
     r"^\s*i'?m sorry,? but i (?:can(?:no|')t|am unable|won'?t)",
@@ -134,15 +138,8 @@ class _Counter:
         return after
 
 
-def _pii_policy(mode: str):
-    if mode == "off":
-        return None
-    try:
-        from router.logs.pii import PiiPolicy
-    except ModuleNotFoundError as exc:
-        raise FailedPrecondition("PII scrubbing needs router.logs.pii (not installed in this checkout); "
-                                 "set pii: off to train without it") from exc
-    return PiiPolicy(mode=mode)
+def _pii_policy(mode: str) -> PiiPolicy | None:
+    return None if mode == "off" else PiiPolicy(mode=mode)
 
 
 def filter_records(records: Iterable[LogRecord], feedback: dict[str, list[Feedback]], cfg, *,
@@ -278,6 +275,7 @@ def _prompt_messages(r: LogRecord) -> list:
 
 
 def _near_dedup(examples: list[Example], cfg) -> list[Example]:
+    # lazy: datasketch costs ~0.6 s to import; only near-duplicate removal needs it
     from datasketch import MinHash, MinHashLSH
 
     lsh = MinHashLSH(threshold=cfg.near_dup_threshold, num_perm=cfg.minhash_perm)
@@ -297,17 +295,11 @@ def _near_dedup(examples: list[Example], cfg) -> list[Example]:
 
 def load_logs(cfg, task: str | None = None) -> tuple[list[LogRecord], dict[str, list[Feedback]]]:
     """Read the task's records (time window applied by the store) and their feedback."""
-    from pathlib import Path
-
-    from router import paths
-
     task = task or cfg.task
     db = Path(cfg.db).expanduser() if cfg.db else paths.logs_db()
     if not db.exists():
         raise FailedPrecondition(f"log store {db} does not exist; pass --db with the gateway's log file "
                                  "(logs.path) or import data with `specialist-router logs import`")
-    from router.logs.store import open_store
-
     store = open_store(str(db))
     try:
         source = cfg.sources[0] if len(cfg.sources or ()) == 1 else None

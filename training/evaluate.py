@@ -8,12 +8,11 @@ there is one) and forgetting <= forgetting_bound. A failed gate registers nothin
 """
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field
+from pathlib import Path
 
-from router.errors import FailedPrecondition, Unavailable
-
-from .format import IGNORE, tokenize_row
+from core.errors import FailedPrecondition
+from training.format import IGNORE, tokenize_row
 
 
 @dataclass
@@ -34,6 +33,7 @@ class GateResult:
 
 def assistant_loss(model, tokenizer, rows: list, *, batch_size: int = 4, max_len: int | None = None) -> tuple[float, int]:
     """Token-weighted mean cross-entropy over completion tokens; returns (loss, tokens scored)."""
+    # lazy: torch costs ~1.6 s to import; only code that runs a model needs it
     import torch
 
     device = next(model.parameters()).device
@@ -62,6 +62,7 @@ def assistant_loss(model, tokenizer, rows: list, *, batch_size: int = 4, max_len
 
 def evaluate(cfg, model_dir: str, adapter_dir: str, eval_rows: list, other_rows: dict[str, list],
              production_dir: str | None = None, production_name: str = "", echo=print) -> GateResult:
+    # lazy: torch costs ~1.6 s to import; only code that runs a model needs it
     import torch
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -115,33 +116,8 @@ def evaluate(cfg, model_dir: str, adapter_dir: str, eval_rows: list, other_rows:
     return res
 
 
-def production_of(cfg):
-    """(registry, production AdapterVersion | None); (None, None) when the registry package is absent."""
-    try:
-        from adapters.registry import Registry
-    except ModuleNotFoundError:
-        return None, None
-    reg = Registry(root=cfg.registry or None)
-    return reg, reg.production(cfg.task)
-
-
-def manifest_of(version) -> dict:
-    import json
-    from pathlib import Path
-
-    m = getattr(version, "manifest", None)
-    if isinstance(m, dict):
-        return m
-    p = Path(str(version.path))
-    for cand in (p / "manifest.json", p.parent / "manifest.json"):
-        if cand.is_file():
-            return json.loads(cand.read_text())
-    return {}
-
-
 def peft_dir_of(version) -> str:
-    from pathlib import Path
-
+    """The PEFT folder of a registry version (the version folder itself, or a sub-folder holding adapter_config.json)."""
     p = Path(str(version.path))
     if (p / "adapter_config.json").is_file():
         return str(p)
@@ -149,27 +125,3 @@ def peft_dir_of(version) -> str:
         if (sub / "adapter_config.json").is_file():
             return str(sub)
     return str(p)
-
-
-def deploy(cfg, version: str) -> dict:
-    """AdminService.DeployAdapter on the running gateway."""
-    import grpc
-
-    from router.v1 import router_pb2, router_pb2_grpc
-
-    token = os.environ.get(cfg.token_env, "")
-    md = [("authorization", f"Bearer {token}")] if token else []
-    with grpc.insecure_channel(cfg.gateway) as ch:
-        stub = router_pb2_grpc.AdminServiceStub(ch)
-        try:
-            resp = stub.DeployAdapter(router_pb2.DeployAdapterRequest(task=cfg.task, version=str(version)),
-                                      metadata=md, timeout=600)
-        except grpc.RpcError as exc:
-            if exc.code() == grpc.StatusCode.UNAVAILABLE:
-                raise Unavailable(f"gateway {cfg.gateway} is not reachable ({exc.details()}); start it with "
-                                  f"`specialist-router serve` or pass --gateway; the candidate stays registered, deploy "
-                                  f"it later with `specialist-router adapters deploy {cfg.task} {version}`") from exc
-            raise FailedPrecondition(f"gateway refused to deploy {cfg.task}@{version}: {exc.code().name} "
-                                     f"{exc.details()}") from exc
-    return {"task": resp.task, "version": resp.version, "adapter": resp.adapter,
-            "previous_version": resp.previous_version, "swap_ms": resp.swap_ms}

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from transformers import TrainerCallback
 
 
@@ -24,8 +25,6 @@ class LossMonitor(TrainerCallback):
     # progress -------------------------------------------------------------------------------------------------
     def on_train_begin(self, args, state, control, **kw):
         if self.show_progress:
-            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
-
             self._progress = Progress(TextColumn("[bold]train[/bold] {task.description}"), BarColumn(),
                                       MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn(), transient=False)
             self._progress.start()
@@ -76,9 +75,11 @@ class LossMonitor(TrainerCallback):
 
 
 def plot_losses(path: Path, train: list, evals: list, title: str) -> Path:
+    # lazy: matplotlib costs ~0.8 s to import; only the loss plot needs it
     import matplotlib
 
     matplotlib.use("Agg")
+    # lazy: matplotlib costs ~0.8 s to import; only the loss plot needs it
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4))

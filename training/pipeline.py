@@ -10,10 +10,21 @@ import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
-from router.errors import AlreadyExists, FailedPrecondition, NotFound
+import basemodel
+from adapters.registry import Registry
+from core import paths
+from core.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
+from core.files import atomic_write_json
+from training import data as logdata
+from training import evaluate as gate_eval
+from training.backends import TrainJob, select_backend
+from training.config import TrainConfig, apply_device
+from training.format import token_counter
 
-from .config import TrainConfig, apply_device
+# (task, version) -> what the gateway answered; `train --deploy` passes the SDK's admin call
+Deploy = Callable[[str, str], dict]
 
 
 @dataclass
@@ -38,9 +49,7 @@ class RunReport:
 
     def save(self, run_dir: Path) -> Path:
         p = Path(run_dir) / "report.json"
-        tmp = p.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps(self.to_dict(), indent=2, default=str))
-        tmp.replace(p)
+        atomic_write_json(p, self.to_dict())
         return p
 
 
@@ -61,8 +70,6 @@ def last_checkpoint(ckpt_dir: Path) -> str | None:
 
 
 def resolve_run_dir(cfg: TrainConfig) -> Path:
-    from router import paths
-
     if cfg.run_dir:
         run_dir = Path(cfg.run_dir).expanduser().resolve()
     else:
@@ -81,36 +88,37 @@ def resolve_run_dir(cfg: TrainConfig) -> Path:
 
 def prepare_data(cfg: TrainConfig, tokenizer, echo=print):
     """(train rows, eval rows, {other task: eval rows}, DataReport, data fingerprint)."""
-    from . import data as D
-    from .format import token_counter
-
     count = token_counter(tokenizer)
-    records, feedback = D.load_logs(cfg)
-    train, held, report = D.filter_records(records, feedback, cfg, token_count=count)
+    records, feedback = logdata.load_logs(cfg)
+    train, held, report = logdata.filter_records(records, feedback, cfg, token_count=count)
     echo(f"[data] {cfg.task}: {report.summary()}")
     if report.kept < cfg.min_records or not train:
-        raise FailedPrecondition(D.too_few_message(report, cfg.min_records))
+        raise FailedPrecondition(logdata.too_few_message(report, cfg.min_records))
     others: dict[str, list] = {}
     for t in cfg.tasks:
         if t == cfg.task:
             continue
-        recs, fb = D.load_logs(cfg, task=t)
+        recs, fb = logdata.load_logs(cfg, task=t)
         if not recs:
             continue
-        _, o_held, _ = D.filter_records(recs, fb, cfg, token_count=count, task=t)
+        _, o_held, _ = logdata.filter_records(recs, fb, cfg, token_count=count, task=t)
         if o_held:
             others[t] = [e.row() for e in o_held[: cfg.forgetting_max_records]]
-    return [e.row() for e in train], [e.row() for e in held], others, report, D.data_fingerprint(train + held)
+    return [e.row() for e in train], [e.row() for e in held], others, report, logdata.data_fingerprint(train + held)
 
 
-def run(cfg: TrainConfig, *, echo=print, show_progress: bool = True) -> RunReport:
+def run(cfg: TrainConfig, *, echo=print, show_progress: bool = True, deploy: Deploy | None = None) -> RunReport:
+    """One run end to end. `deploy` (with `cfg.deploy`) is called with (task, version) after a passed gate."""
     cfg.validate()
+    if cfg.deploy and deploy is None:
+        raise InvalidArgument("deploy is on but no deploy function was given: pass run(cfg, deploy=...) (the CLI "
+                              "passes the SDK's AdminService call), or set deploy: false")
     apply_device(cfg.device)  # before torch is imported
     run_dir = resolve_run_dir(cfg)
     report = RunReport(task=cfg.task, run_dir=str(run_dir), config=cfg.to_dict())
     t_start = time.perf_counter()
     try:
-        return _run(cfg, run_dir, report, echo, show_progress, t_start)
+        return _run(cfg, run_dir, report, echo, show_progress, t_start, deploy)
     except Exception as exc:
         if run_dir.is_dir():
             report.status = report.status if report.status == "too_few_records" else "failed"
@@ -120,26 +128,25 @@ def run(cfg: TrainConfig, *, echo=print, show_progress: bool = True) -> RunRepor
         raise
 
 
-def _run(cfg, run_dir: Path, report: RunReport, echo, show_progress: bool, t_start: float) -> RunReport:
-    from router import model as base_model
-
-    from . import evaluate as E
-
-    model_dir = str(Path(cfg.base_model).expanduser()) if cfg.base_model else str(base_model.prepare(progress=echo))
-    fp = base_model.fingerprint(Path(model_dir))
+def _run(cfg, run_dir: Path, report: RunReport, echo, show_progress: bool, t_start: float,
+         deploy: Deploy | None) -> RunReport:
+    model_dir = str(Path(cfg.base_model).expanduser()) if cfg.base_model else str(basemodel.prepare(progress=echo))
+    fp = basemodel.fingerprint(Path(model_dir))
     report.base_model, report.base_fingerprint = model_dir, fp
-    registry, production = E.production_of(cfg)
-    if registry is None:
-        report.warnings.append("adapters.registry is not installed: no production comparison, nothing registered")
+    registry = Registry(cfg.registry or None)
+    production = registry.production(cfg.task)
     served = cfg.served_fingerprint
     if not served and production is not None:
-        served = E.manifest_of(production).get("base_fingerprint", "") or getattr(production, "base_fingerprint", "")
+        served = production.manifest.get("base_fingerprint", "")
     if served and served != fp:
         raise FailedPrecondition(f"base model mismatch: {model_dir} has fingerprint {fp} but the served model "
                                  f"{'(production ' + production.name + ')' if production is not None and not cfg.served_fingerprint else ''}"
                                  f" has {served}; train on the served base (--config base_model: <its folder>)")
 
+    # lazy: these import transformers and torch, which must load after apply_device() (run() calls it first)
     from transformers import AutoTokenizer
+
+    from training.monitor import LossMonitor, plot_losses  # lazy: imports transformers (see above)
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     data_dir = run_dir / "data"
@@ -168,8 +175,6 @@ def _run(cfg, run_dir: Path, report: RunReport, echo, show_progress: bool, t_sta
     report.save(run_dir)
 
     # train -----------------------------------------------------------------------------------------------
-    from .backends import TrainJob, select_backend
-    from .monitor import LossMonitor, plot_losses
 
     monitor = LossMonitor(cfg, show_progress=show_progress, echo=echo)
     resume_from = last_checkpoint(run_dir / "checkpoints") if cfg.resume else None
@@ -198,8 +203,8 @@ def _run(cfg, run_dir: Path, report: RunReport, echo, show_progress: bool, t_sta
 
     # evaluate + gate -------------------------------------------------------------------------------------
     t0 = time.perf_counter()
-    gate = E.evaluate(cfg, model_dir, str(out.adapter_dir), eval_rows, others,
-                      production_dir=E.peft_dir_of(production) if production is not None else None,
+    gate = gate_eval.evaluate(cfg, model_dir, str(out.adapter_dir), eval_rows, others,
+                      production_dir=gate_eval.peft_dir_of(production) if production is not None else None,
                       production_name=production.name if production is not None else "", echo=echo)
     report.timings_s["evaluate"] = round(time.perf_counter() - t0, 2)
     report.gate = gate.to_dict()
@@ -211,7 +216,7 @@ def _run(cfg, run_dir: Path, report: RunReport, echo, show_progress: bool, t_sta
         echo(f"[gate] passed: candidate {gate.candidate_loss:.4f} vs base {gate.base_loss:.4f}"
              + (f" vs production {gate.production_loss:.4f}" if gate.production_loss is not None else "")
              + f", forgetting {gate.forgetting:+.2%}")
-        if cfg.register and registry is not None:
+        if cfg.register:
             metrics = {"eval_loss": gate.candidate_loss, "base_eval_loss": gate.base_loss,
                        "production_eval_loss": gate.production_loss, "forgetting": gate.forgetting,
                        "train_records": len(train_rows), "eval_records": len(eval_rows), "steps": out.steps,
@@ -222,12 +227,10 @@ def _run(cfg, run_dir: Path, report: RunReport, echo, show_progress: bool, t_sta
             registry.set_alias(cfg.task, "candidate", v.version, reason=f"training run {run_dir.name}: gate passed")
             report.adapter, report.status = v.name, "promoted"
             echo(f"[gate] registered {v.name} as {cfg.task} candidate")
-            if cfg.deploy:
-                report.deploy = E.deploy(cfg, v.version)
+            if cfg.deploy and deploy is not None:
+                report.deploy = deploy(cfg.task, v.version)
                 report.status = "deployed"
                 echo(f"[deploy] {report.deploy.get('adapter') or v.name} is serving {cfg.task}")
-        elif cfg.register:
-            report.message = "gate passed but adapters.registry is not installed: nothing registered"
     report.timings_s["total"] = round(time.perf_counter() - t_start, 2)
     report.save(run_dir)
     return report
@@ -239,9 +242,7 @@ def _step_of(ckpt: str | None) -> int:
 
 def _model_id(model_dir: str) -> str:
     try:
-        from router.model import MANIFEST
-
-        m = Path(model_dir) / MANIFEST
+        m = Path(model_dir) / basemodel.MANIFEST
         if m.is_file():
             return json.loads(m.read_text()).get("model_id") or model_dir
         return json.loads((Path(model_dir) / "config.json").read_text()).get("_name_or_path") or model_dir

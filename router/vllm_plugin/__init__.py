@@ -20,9 +20,13 @@ Nothing heavy is imported at module import time.
 """
 from __future__ import annotations
 
+import importlib
 import logging
 import os
+import sys
 from typing import Any
+
+from core import envs
 
 DISABLE_ENV = "SPECIALIST_ROUTER_DISABLE_LORA_FIX"
 PATCH_MARK = "_specialist_router_lora_fix"
@@ -41,7 +45,7 @@ _originals: dict[tuple[str, str], Any] = {}
 
 
 def _disabled() -> bool:
-    return os.environ.get(DISABLE_ENV, "").strip().lower() in ("1", "true", "yes", "on")
+    return envs.get(DISABLE_ENV).strip().lower() in ("1", "true", "yes", "on")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -53,6 +57,7 @@ def _grouped_apply(inputs, weights, target, indices, add: bool, scaling: float =
     `target` is a (possibly strided) view of the real output; rows whose index is negative get no
     contribution (left as they are when `add`, zeroed otherwise). One matmul per adapter present.
     """
+    # lazy: torch costs ~1.6 s to import; only code that runs a model needs it
     import torch
 
     if weights.dim() == 4:
@@ -135,15 +140,12 @@ for _fn in _REPLACEMENTS.values():
 # Plugin entry point
 # --------------------------------------------------------------------------------------------------
 def is_applied() -> bool:
-    import sys
-
     mod = sys.modules.get("vllm.lora.punica_wrapper.punica_cpu")
     return mod is not None and all(getattr(getattr(mod, n, None), PATCH_MARK, False) for n in _PATCHED_NAMES)
 
 
 def apply() -> bool:
     """Patch the CPU LoRA ops; True when the patch is (now or already) in place. Idempotent."""
-    import importlib
 
     modules = {}
     for name in _TARGET_MODULES:
@@ -175,7 +177,6 @@ def apply() -> bool:
 
 def unpatch() -> None:
     """Restore the original functions (for tests)."""
-    import importlib
 
     for (mod_name, n), fn in list(_originals.items()):
         setattr(importlib.import_module(mod_name), n, fn)
@@ -188,6 +189,7 @@ def register() -> None:
         logger.info("specialist-router LoRA fix disabled by %s", DISABLE_ENV)
         return
     try:
+        # lazy: vllm exists only inside the vLLM server process this plugin runs in
         from vllm.platforms import current_platform
 
         is_cpu = bool(current_platform.is_cpu())

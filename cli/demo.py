@@ -10,7 +10,9 @@ from __future__ import annotations
 import asyncio
 from pathlib import Path
 
-from router import paths
+from core import paths
+from core.files import publish_dir
+from router.client import AsyncClient
 
 DEMO_ADAPTER = "demo-lora"
 
@@ -18,6 +20,7 @@ DEMO_ADAPTER = "demo-lora"
 def make_adapter(base_dir: str | Path, out_dir: str | Path, *, seed: int = 0, r: int = 8,
                  target_modules=("q_proj", "k_proj", "v_proj", "o_proj")) -> Path:
     """A real PEFT LoRA on the base model with random non-zero weights (changes outputs; not trained)."""
+    # lazy: torch + transformers + peft (~4 s), only for the one-time demo adapter
     import torch
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
@@ -30,17 +33,13 @@ def make_adapter(base_dir: str | Path, out_dir: str | Path, *, seed: int = 0, r:
     # init_lora_weights=False: both A and B random (the default B=0 would be a no-op adapter)
     peft_model = get_peft_model(model, LoraConfig(r=r, lora_alpha=2 * r, target_modules=list(target_modules),
                                                   init_lora_weights=False, task_type="CAUSAL_LM"))
-    tmp = out.with_name(out.name + ".tmp")
+    tmp = out.with_name(f".{out.name}.tmp")
     peft_model.save_pretrained(str(tmp))
-    tmp.rename(out)
+    publish_dir(tmp, out)
     return out
 
 
 async def run_demo(server, *, once: bool = False) -> None:
-    from router.client import AsyncClient
-    from router.v1 import router_pb2 as pb
-
-    gw = server.gateway
     prompt = "Write a Python function that returns the square of a number."
     async with AsyncClient(server.target, timeout=300) as c:
         print("\n=== 1. Generate (routed by the classifier) ===")
@@ -57,12 +56,11 @@ async def run_demo(server, *, once: bool = False) -> None:
 
         print(f"\n=== 3. A LoRA adapter hot-loaded at run time ({DEMO_ADAPTER}: random weights, untrained;"
               " trained specialists come from `specialist-router train`) ===")
-        if gw.model_dir:
+        if server.model_dir:
             path = await asyncio.get_running_loop().run_in_executor(
-                None, make_adapter, gw.model_dir, paths.data_dir() / "demo" / f"{DEMO_ADAPTER}-v2")
-            if DEMO_ADAPTER not in gw.table.loaded:
-                await c.admin.LoadAdapter(pb.LoadAdapterRequest(name=DEMO_ADAPTER, path=str(path)),
-                                          metadata=c.metadata)
+                None, make_adapter, server.model_dir, paths.data_dir() / "demo" / f"{DEMO_ADAPTER}-v2")
+            if DEMO_ADAPTER not in (a.name for a in (await c.list_adapters()).loaded):
+                await c.load_adapter(DEMO_ADAPTER, str(path))
             base = await c.generate(prompt, max_tokens=40, temperature=0, adapter="base")
             lora = await c.generate(prompt, max_tokens=40, temperature=0, adapter=DEMO_ADAPTER)
             print(f"base model : {base.text!r}")
@@ -71,9 +69,9 @@ async def run_demo(server, *, once: bool = False) -> None:
         else:
             print("(external backend without a local base folder: skipped; deploy specialists with "
                   "`specialist-router adapters deploy`)")
-        listing = await c.admin.ListAdapters(pb.ListAdaptersRequest(), metadata=c.metadata)
-        print("\nloaded adapters:", [a.name for a in listing.adapters] or "none",
-              "| routes:", {e.task: e.adapter for e in listing.routes} or "none (base model answers)")
+        listing = await c.list_adapters()
+        print("\nloaded adapters:", [a.name for a in listing.loaded] or "none",
+              "| routes:", listing.routes or "none (base model answers)")
     if not once:
         print(f"\nTry it yourself:\n  .venv/bin/python -c \"from router.client import Client; "
               f"print(Client('{server.target}').generate('Hello!').text)\"")

@@ -5,18 +5,17 @@ The root is `$SPECIALIST_ROUTER_HOME` if set, else `<user cache dir>/specialist-
 """
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
-ENV_HOME = "SPECIALIST_ROUTER_HOME"
+from core import envs
 
 
 def data_dir() -> Path:
     """Root data dir (created on demand by the code that writes into it)."""
-    env = os.environ.get(ENV_HOME)
+    env = envs.get("SPECIALIST_ROUTER_HOME")
     if env:
         return Path(env).expanduser().resolve()
-    cache = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    cache = envs.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
     return (Path(cache) / "specialist-router").resolve()
 
 

@@ -13,13 +13,12 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import tempfile
-from pathlib import Path
 from typing import Iterable, Iterator
 
-from router.errors import InvalidArgument
-from router.logs.schema import LogRecord
-from router.logs.store import LogStore, TimeLike
+from convlog.schema import LogRecord
+from convlog.store import LogStore, TimeLike
+from core.errors import InvalidArgument
+from core.files import atomic_path
 
 FORMATS = ("jsonl", "parquet")
 _CHUNK = 1000
@@ -60,6 +59,7 @@ def rows(store: LogStore, *, task: str | None = None, since: TimeLike = None, un
 
 
 def arrow_schema():
+    # lazy: pyarrow costs ~0.4 s to import; only Parquet export needs it
     import pyarrow as pa
 
     types = {"str": pa.string(), "float": pa.float64(), "int": pa.int64(), "bool": pa.bool_()}
@@ -78,33 +78,23 @@ def arrow_schema():
     return pa.schema(fields)
 
 
-def _atomic_target(out: Path):
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
-    return fd, Path(tmp)
-
-
 def write_export(row_iter: Iterable[dict], out: str | os.PathLike, fmt: str) -> int:
     """Write rows to `out` atomically; returns the row count."""
     if fmt not in FORMATS:
         raise InvalidArgument(f"--format must be one of {', '.join(FORMATS)}, got {fmt!r}")
-    out = Path(out)
-    fd, tmp = _atomic_target(out)
     n = 0
-    try:
+    with atomic_path(out) as tmp:
         if fmt == "jsonl":
-            with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            with open(tmp, "w", encoding="utf-8") as fh:
                 for d in row_iter:
                     fh.write(json.dumps(d, ensure_ascii=False))
                     fh.write("\n")
                     n += 1
-                fh.flush()
-                os.fsync(fh.fileno())
         else:
+            # lazy: pyarrow costs ~0.4 s to import; only Parquet export needs it
             import pyarrow as pa
             import pyarrow.parquet as pq
 
-            os.close(fd)
             schema = arrow_schema()
             with pq.ParquetWriter(str(tmp), schema) as w:
                 buf: list[dict] = []
@@ -116,13 +106,4 @@ def write_export(row_iter: Iterable[dict], out: str | os.PathLike, fmt: str) -> 
                         buf = []
                 if buf or n == 0:
                     w.write_table(pa.Table.from_pylist(buf, schema=schema))
-            with open(tmp, "rb+") as fh:
-                os.fsync(fh.fileno())
-        os.replace(tmp, out)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
     return n

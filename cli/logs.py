@@ -7,7 +7,7 @@
     logs forget --client-id ID
     logs check
 
-Every command takes `--db PATH` (default: `router.paths.logs_db()`). Each is a `main(args) -> int`.
+Every command takes `--db PATH` (default: `core.paths.logs_db()`). Each is a `main(args) -> int`.
 """
 from __future__ import annotations
 
@@ -15,17 +15,32 @@ import argparse
 import datetime as _dt
 import json
 import sys
+from pathlib import Path
 
-from router.errors import FailedPrecondition
-from router.logs.store import LogWriteError, open_store
+from rich.console import Console
+from rich.table import Table
+
+import classifier
+from convlog.export import rows, write_export
+from convlog.pii import PiiPolicy
+from convlog.sharegpt_import import Classify, import_sharegpt
+from convlog.store import LogWriteError, open_store
+from core.errors import FailedPrecondition
+from core.paths import logs_db
+
+
+def load_classifier(path: str | None = None) -> Classify:
+    """The classifier (`path`, or the default artifact, built on first use) as a batched callable."""
+    try:
+        clf = classifier.load(path) if path else classifier.load(classifier.ensure_default())
+    except Exception as exc:  # noqa: BLE001 - any failure to load is reported the same way
+        raise FailedPrecondition(f"cannot load a classifier{' from ' + path if path else ''} ({exc}); train one "
+                                 f"first (`specialist-router classifier train`) or pass --no-classify") from exc
+    return lambda texts: [(str(t), float(c)) for t, c in clf.predict(texts)]
 
 
 def _open(args, *, read_only: bool | None = None):
     if read_only:
-        from pathlib import Path
-
-        from router.paths import logs_db
-
         p = Path(args.db) if args.db else logs_db()
         if not p.exists():
             raise FailedPrecondition(f"no log database at {p} (nothing logged yet, or pass --db PATH)")
@@ -47,9 +62,6 @@ def stats_main(args) -> int:
     if args.json:
         print(json.dumps(s, indent=2, sort_keys=True))
         return 0
-    from rich.console import Console
-    from rich.table import Table
-
     con = Console()
     fb = s["feedback"]
     con.print(f"[bold]{s['path']}[/bold]  schema v{s['schema_version']}, {s['size_bytes'] / 1e6:.1f} MB")
@@ -81,8 +93,6 @@ def stats_main(args) -> int:
 
 
 def export_main(args) -> int:
-    from router.logs.export import rows, write_export
-
     with _open(args, read_only=None) as store:
         n = write_export(rows(store, task=args.task, since=args.since, until=args.until, source=args.source,
                               status=args.status), args.out, args.format)
@@ -91,9 +101,6 @@ def export_main(args) -> int:
 
 
 def import_sharegpt_main(args) -> int:
-    from router.logs.pii import PiiPolicy
-    from router.logs.sharegpt_import import import_sharegpt, load_classifier
-
     classify = None if args.no_classify else load_classifier(args.classifier)
     policy = PiiPolicy(args.pii)
     with _open(args, read_only=False) as store:
@@ -203,14 +210,3 @@ def _export_with_format(args) -> int:
     if args.format is None:
         args.format = "parquet" if str(args.out).endswith(".parquet") else "jsonl"
     return export_main(args)
-
-
-def main(argv: list[str] | None = None) -> int:
-    """`python -m router.logs.cli ...` runs the same code as `specialist-router logs ...`."""
-    from router.cli import main as top
-
-    return top(["logs", *(argv if argv is not None else sys.argv[1:])])
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -23,7 +23,7 @@ import ipaddress
 import re
 from typing import Any, Iterable
 
-from router.errors import InvalidArgument
+from core.errors import InvalidArgument
 
 MODES = ("off", "mask")
 

@@ -12,9 +12,12 @@ import dataclasses
 import time
 from typing import Callable, Iterable, Iterator
 
-from router.logs.pii import PiiPolicy
-from router.logs.schema import LogRecord
-from router.logs.store import LogStore
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from convlog.pii import PiiPolicy
+from convlog.schema import LogRecord
+from convlog.sharegpt import iter_conversations
+from convlog.store import LogStore
 
 Classify = Callable[[list[str]], list[tuple[str, float]]]
 REQUEST_ID_PREFIX = "sharegpt-"
@@ -74,11 +77,9 @@ def import_sharegpt(store: LogStore, *, limit: int | None = None, classify: Clas
                     conversations: Iterable | None = None) -> ImportResult:
     """Import (the first `limit`) ShareGPT conversations; idempotent. Returns the counts.
 
-    `conversations` defaults to `router.sharegpt.iter_conversations(limit)`.
+    `conversations` defaults to `convlog.sharegpt.iter_conversations(limit)`.
     """
     if conversations is None:
-        from router.sharegpt import iter_conversations
-
         conversations = iter_conversations(limit=limit)
     policy = pii_policy or PiiPolicy("off")
     res = ImportResult()
@@ -87,8 +88,6 @@ def import_sharegpt(store: LogStore, *, limit: int | None = None, classify: Clas
 
     bar = None
     if progress:
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
         bar = Progress(TextColumn("importing ShareGPT"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                        TextColumn("{task.fields[rate]}"), transient=False)
         bar.start()
@@ -128,20 +127,3 @@ def import_sharegpt(store: LogStore, *, limit: int | None = None, classify: Clas
             bar.stop()
     res.seconds = time.perf_counter() - t0
     return res
-
-
-def load_classifier(path: str | None = None) -> Classify:
-    """`classifier.load(...)` as a batched callable; FailedPrecondition with a clear message if unavailable."""
-    from router.errors import FailedPrecondition
-
-    try:
-        import classifier  # the sibling package; optional for the import
-    except ImportError as exc:
-        raise FailedPrecondition(f"cannot import the `classifier` package ({exc}); run the import with "
-                                 f"--no-classify to store records without a task") from exc
-    try:
-        clf = classifier.load(path) if path else classifier.load()
-    except Exception as exc:  # noqa: BLE001 - any failure to load is reported the same way
-        raise FailedPrecondition(f"cannot load a classifier{' from ' + path if path else ''} ({exc}); train one "
-                                 f"first (`specialist-router classifier ...`) or pass --no-classify") from exc
-    return lambda texts: [(str(t), float(c)) for t, c in clf.predict(texts)]

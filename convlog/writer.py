@@ -25,9 +25,9 @@ import threading
 import time
 from typing import Any
 
-from router.logs.pii import PiiPolicy
-from router.logs.schema import Feedback, LogRecord
-from router.logs.store import LogStore, LogWriteError
+from convlog.pii import PiiPolicy
+from convlog.schema import Feedback, LogRecord
+from convlog.store import LogStore, LogWriteError
 
 
 class AsyncLogWriter:

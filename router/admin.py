@@ -1,0 +1,71 @@
+"""AdminService: adapters (list, load, unload, deploy, rollback, retire) and the classifier (reload)."""
+from __future__ import annotations
+
+import re
+
+from core.errors import FailedPrecondition, InvalidArgument
+from router.classify import TaskClassifier
+from router.deploy import Deployer
+from router.grpc_errors import maps_errors
+from router.lora import AdapterLoader
+from router.routing import LoadedAdapter, RoutingTable
+from router.v1 import router_pb2 as pb
+from router.v1 import router_pb2_grpc as pbg
+
+ADAPTER_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.@-]{0,99}$")
+
+
+def adapter_info(a: LoadedAdapter, table: RoutingTable) -> pb.AdapterInfo:
+    return pb.AdapterInfo(name=a.name, path=a.path, task=a.task, version=a.version,
+                          routed=a.name in table.routes.values(), in_flight=a.in_flight)
+
+
+class AdminServicer(pbg.AdminServiceServicer):
+    def __init__(self, loader: AdapterLoader, deployer: Deployer | None, classifier: TaskClassifier):
+        self.loader = loader
+        self.table = loader.table
+        self.deployer_ = deployer
+        self.classifier = classifier
+
+    def _deployer(self) -> Deployer:
+        if self.deployer_ is None:
+            raise FailedPrecondition("this gateway has no adapter registry configured")
+        return self.deployer_
+
+    @maps_errors
+    async def ListAdapters(self, request, context):
+        t = self.table
+        return pb.ListAdaptersResponse(adapters=[adapter_info(a, t) for a in t.loaded.values()],
+                                       routes=[pb.RouteEntry(task=k, adapter=v) for k, v in sorted(t.routes.items())])
+
+    @maps_errors
+    async def LoadAdapter(self, request, context):
+        if not request.name or not request.path:
+            raise InvalidArgument("name and path are required: LoadAdapter(name='code@1', path='/abs/peft/folder')")
+        if not ADAPTER_NAME.match(request.name) or request.name == "base":
+            raise InvalidArgument(f"adapter name {request.name!r} is not allowed: use letters, digits, '_', '-', "
+                                  "'.', '@' (max 100 characters), not 'base'")
+        a = await self.loader.load(request.name, request.path)
+        return pb.LoadAdapterResponse(adapter=adapter_info(a, self.table))
+
+    @maps_errors
+    async def UnloadAdapter(self, request, context):
+        await self.loader.unload(request.name)
+        return pb.UnloadAdapterResponse()
+
+    @maps_errors
+    async def DeployAdapter(self, request, context):
+        return pb.DeployAdapterResponse(**await self._deployer().deploy(request.task, request.version or None))
+
+    @maps_errors
+    async def RollbackAdapter(self, request, context):
+        return pb.RollbackAdapterResponse(**await self._deployer().rollback(request.task))
+
+    @maps_errors
+    async def RetireAdapter(self, request, context):
+        return pb.RetireAdapterResponse(**await self._deployer().retire(request.task))
+
+    @maps_errors
+    async def ReloadClassifier(self, request, context):
+        clf = await self.classifier.reload(request.path or None)
+        return pb.ReloadClassifierResponse(version=str(clf.version), tasks=list(clf.tasks))

@@ -1,0 +1,232 @@
+"""The request pipeline shared by Generate, GenerateStream (and any other front door):
+validate -> route -> stream from the backend -> durable log record -> one typed result.
+
+`Pipeline.run` yields `Started` once, then `Chunk`s, then one `Finished` that carries usage and timings
+computed here, once; the servicers only shape these into their messages. Errors propagate as exceptions
+(`core.errors.RouterError` for expected ones) after the pipeline has recorded them: every request that got
+this far leaves exactly one log record, whatever its outcome.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from dataclasses import dataclass
+from typing import AsyncIterator
+
+from convlog.schema import LogRecord
+from core.errors import DeadlineExceeded, ResourceExhausted, RouterError, Unavailable
+from router.backend import VLLMBackend, now_ms
+from router.classify import TaskClassifier
+from router.config import GatewayConfig
+from router.grpc_errors import REQUEST_ID
+from router.health import Health
+from router.request_checks import check_request
+from router.routing import Decision, RoutingTable, decide, explicit_adapter
+
+log = logging.getLogger("router.gateway")
+
+
+def new_request_id() -> str:
+    return uuid.uuid4().hex
+
+
+def last_user_text(messages: list[dict]) -> str:
+    for m in reversed(messages):
+        if m["role"] == "user" and m["content"].strip():
+            return m["content"]
+    return ""
+
+
+@dataclass
+class Started:
+    request_id: str
+    decision: Decision
+
+
+@dataclass
+class Chunk:
+    delta: str
+    reasoning_delta: str
+
+
+@dataclass
+class Timings:
+    classify_ms: float = 0.0
+    ttft_ms: float = 0.0
+    backend_ms: float = 0.0
+    total_ms: float = 0.0
+
+
+@dataclass
+class Finished:
+    request_id: str
+    decision: Decision
+    text: str
+    reasoning_text: str
+    finish_reason: str  # stop | length | ...
+    prompt_tokens: int
+    completion_tokens: int
+    timings: Timings
+
+
+Event = Started | Chunk | Finished
+
+
+class LogSink:
+    """Writes log records; a failure is counted and loud, never the client's problem."""
+
+    def __init__(self, writer=None):
+        self.writer = writer
+        self.failures = 0
+        self._bg: set[asyncio.Task] = set()
+
+    @property
+    def enabled(self) -> bool:
+        return self.writer is not None
+
+    @property
+    def healthy(self) -> bool:
+        return self.writer is None or (bool(getattr(self.writer, "healthy", True)) and self.failures == 0)
+
+    @property
+    def last_error(self) -> str:
+        return getattr(self.writer, "last_error", "")
+
+    async def write(self, rec: LogRecord) -> None:
+        if self.writer is None:
+            return
+        try:
+            await self.writer.write(rec)
+        except Exception as exc:  # noqa: BLE001 - the client still gets its answer; health and the log say it
+            self.failures += 1
+            log.error("log write failed for request %s: %s", rec.request_id, exc)
+
+    def write_later(self, rec: LogRecord) -> None:
+        """For a request whose RPC is already over: written in the background, flushed by `close()`."""
+        t = asyncio.get_running_loop().create_task(self.write(rec))
+        self._bg.add(t)
+        t.add_done_callback(self._bg.discard)
+
+    async def close(self) -> None:
+        if self._bg:
+            await asyncio.gather(*list(self._bg), return_exceptions=True)
+        if self.writer is not None:
+            try:
+                await self.writer.close()
+            except Exception as exc:  # noqa: BLE001 - shutting down: report, do not raise
+                log.error("closing the log writer failed: %s", exc)
+
+
+class Pipeline:
+    def __init__(self, cfg: GatewayConfig, backend: VLLMBackend, table: RoutingTable, classifier: TaskClassifier,
+                 logs: LogSink, health: Health, *, served_model: str, managed=None):
+        self.cfg = cfg
+        self.backend = backend
+        self.table = table
+        self.classifier = classifier
+        self.logs = logs
+        self.health = health
+        self.served_model = served_model
+        self.managed = managed
+        self.in_flight = 0
+
+    async def route(self, req, messages: list[dict]) -> tuple[Decision, float]:
+        """(decision, classify_ms): an explicit adapter, a task override, or the classifier's call."""
+        if req.adapter:
+            return explicit_adapter(self.table, req.adapter), 0.0
+        known = self.classifier.tasks
+        if req.task:
+            return decide(self.table, task_override=req.task, known_tasks=known), 0.0
+        if not self.classifier.enabled:
+            return decide(self.table, task_override="", known_tasks=None), 0.0
+        t0 = now_ms()
+        pred = await self.classifier.predict(last_user_text(messages))
+        d = decide(self.table, task_override="", known_tasks=known, prediction=pred,
+                   threshold=self.classifier.threshold())
+        return d, now_ms() - t0
+
+    def _backend_down(self) -> bool:
+        m = self.managed
+        return m is not None and (m.restarting or not m.alive())
+
+    async def run(self, req, *, stream: bool, time_remaining: float | None, request_id: str = "") -> AsyncIterator[Event]:
+        """One request end to end. `time_remaining`: the caller's deadline in seconds (None: none)."""
+        t0 = now_ms()
+        rid = request_id or new_request_id()
+        REQUEST_ID.set(rid)
+        rec = LogRecord(request_id=rid, created_at=time.time(), messages=[], client_id=req.client_id,
+                        model=self.served_model, stream=stream)
+        text: list[str] = []
+        reasoning: list[str] = []
+        acquired = ""
+        status, error = "ok", ""
+        self.in_flight += 1
+        try:
+            if self.health.draining:
+                raise Unavailable("the gateway is shutting down: retry on another replica")
+            limit = self.cfg.limits.max_concurrent_streams
+            if self.in_flight > limit:
+                raise ResourceExhausted(f"more than {limit} requests in flight: retry with backoff")
+            checked = check_request(req, default_max_tokens=self.cfg.default_max_tokens,
+                                    max_model_len=self.cfg.backend.max_model_len,
+                                    max_chars=self.cfg.limits.max_message_chars)
+            rec.messages, rec.sampling = checked.messages, checked.sampling
+            decision, rec.classify_ms = await self.route(req, checked.messages)
+            rec.task, rec.confidence, rec.route_reason = decision.task, decision.confidence, decision.reason_name
+            if decision.adapter:
+                a = self.table.loaded.get(decision.adapter)
+                rec.adapter = decision.adapter
+                rec.adapter_task, rec.adapter_version = (a.task, a.version) if a else ("", "")
+                self.table.acquire(decision.adapter)
+                acquired = decision.adapter
+            if self._backend_down():
+                raise Unavailable("the vLLM backend is down and being restarted: retry shortly")
+            yield Started(rid, decision)
+            payload = {"model": decision.adapter or self.served_model, "messages": checked.messages, **checked.sampling}
+            if checked.reasoning_effort:
+                payload["reasoning_effort"] = checked.reasoning_effort
+            b0 = now_ms()
+            async for ev in self.backend.chat_stream(payload, timeout_s=time_remaining):
+                if ev.final:
+                    rec.finish_reason = ev.finish_reason
+                    rec.prompt_tokens, rec.completion_tokens = ev.prompt_tokens, ev.completion_tokens
+                    rec.backend_ms = now_ms() - b0
+                    rec.total_ms = now_ms() - t0
+                    rec.response_text, rec.reasoning_text = "".join(text), "".join(reasoning)
+                    await self.logs.write(rec)  # durable before the final message is sent
+                    yield Finished(rid, decision, rec.response_text, rec.reasoning_text, ev.finish_reason,
+                                   ev.prompt_tokens, ev.completion_tokens,
+                                   Timings(rec.classify_ms, rec.ttft_ms, rec.backend_ms, rec.total_ms))
+                    return
+                if not rec.ttft_ms:
+                    rec.ttft_ms = now_ms() - t0
+                text.append(ev.delta)
+                reasoning.append(ev.reasoning_delta)
+                yield Chunk(ev.delta, ev.reasoning_delta)
+            raise Unavailable("the vLLM backend ended the stream without a final message: retry the request")
+        except DeadlineExceeded as exc:
+            # the backend's own timer (deadline + 1 s) fired before gRPC cancelled the handler, which happens on a
+            # loaded machine: the same event as a cancelled deadline, so it is logged the same way
+            status, error = "cancelled", f"{exc.code.name}: {exc}"
+            raise
+        except RouterError as exc:
+            status, error = "error", f"{exc.code.name}: {exc}"
+            raise
+        except (asyncio.CancelledError, GeneratorExit):
+            status, error = "cancelled", "client cancelled or deadline exceeded"
+            raise
+        except Exception as exc:  # a bug: grpc_errors logs it with the request id and answers INTERNAL
+            status, error = "error", f"INTERNAL: {type(exc).__name__}: {exc}"
+            raise
+        finally:
+            self.in_flight -= 1
+            if acquired:
+                self.table.release(acquired)
+            if status != "ok":
+                rec.status, rec.error = status, error
+                rec.finish_reason = "cancelled" if status == "cancelled" else "error"
+                rec.response_text = "".join(text)
+                rec.total_ms = now_ms() - t0
+                self.logs.write_later(rec)  # the RPC is already over
