@@ -230,19 +230,22 @@ class Registry:
     # ----------------------------------------------------------------------------------------- writes
     def register(self, task: str, peft_dir, *, base_model_id: str, base_fingerprint: str,
                  data_fingerprint: str = "", metrics: dict | None = None, parent: str | int | None = None,
-                 max_lora_rank: int | None = None, servable_modules=None, extra: dict | None = None) -> AdapterVersion:
+                 max_lora_rank: int | None = None, servable_modules=None, extra: dict | None = None,
+                 base_shapes: dict | None = None) -> AdapterVersion:
         """Validate `peft_dir` and copy it in as the task's next version; return it.
 
         base_model_id / base_fingerprint: the base model the adapter was trained on
-        (`router.model.fingerprint(model_dir)`); deploys refuse the version on any other base weights.
+        (`basemodel.fingerprint(model_dir)`); deploys refuse the version on any other base weights.
         parent: the version this one was trained from or is meant to replace (recorded only).
         max_lora_rank / servable_modules: optional early checks against the serving engine's limits.
+        base_shapes: the base's weight shapes (`adapters.validation.base_weight_shapes`): every LoRA factor must
+            fit them, so an adapter for another base is refused at register, not at deploy.
         extra: more manifest fields (e.g. training run id); cannot override the ones above.
         """
         check_task_name(task)
         if not base_fingerprint or not str(base_fingerprint).startswith("sha256:"):
             raise InvalidArgument(f"base_fingerprint {base_fingerprint!r} is not a 'sha256:...' fingerprint; "
-                                  "compute it with router.model.fingerprint(base_model_dir)")
+                                  "compute it with basemodel.fingerprint(base_model_dir)")
         if metrics is not None and not isinstance(metrics, dict):
             raise InvalidArgument(f"metrics must be a JSON object (dict), got {type(metrics).__name__}")
         src = Path(peft_dir)
@@ -250,7 +253,7 @@ class Registry:
             servable_modules = default_servable_modules(base_model_id)
         # The caller vouches for the base (by fingerprint); names are not compared here.
         info = validate_adapter(src, max_lora_rank=max_lora_rank, servable_modules=servable_modules,
-                                check_hashes=False, manifest={})
+                                check_hashes=False, manifest={}, base_shapes=base_shapes)
         cfg = json.loads((src / CONFIG_FILE).read_text())
         parent_v = check_version(parent) if parent not in (None, "") else None
         task_dir = self._task_dir(task)

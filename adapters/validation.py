@@ -22,7 +22,8 @@ from pathlib import Path
 
 from safetensors import safe_open
 
-from core.errors import FailedPrecondition, InvalidArgument
+from core.errors import FailedPrecondition, InvalidArgument, quoted
+from core.files import sha256_file
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
@@ -52,7 +53,7 @@ def check_task_name(task: str) -> str:
     """Return `task` if it is a safe task name, else raise InvalidArgument."""
     if not isinstance(task, str) or not TASK_RE.fullmatch(task):
         raise InvalidArgument(
-            f"invalid task name {task!r}: use 1-64 characters of lowercase letters, digits, '_' or '-', "
+            f"invalid task name {quoted(task)}: use 1-64 characters of lowercase letters, digits, '_' or '-', "
             "starting with a letter or digit (e.g. 'code', 'sql-gen')")
     return task
 
@@ -62,7 +63,7 @@ def check_version(version: str | int) -> str:
     v = str(version) if isinstance(version, int) and not isinstance(version, bool) else version
     if not isinstance(v, str) or not VERSION_RE.fullmatch(v):
         raise InvalidArgument(
-            f"invalid version {version!r}: registry versions are positive integers assigned on register "
+            f"invalid version {quoted(version)}: registry versions are positive integers assigned on register "
             "('1', '2', ...); see `specialist-router adapters show TASK`")
     return v
 
@@ -79,14 +80,12 @@ def safe_join(root: Path, *parts: str) -> Path:
     real_root = os.path.realpath(root)
     candidate = os.path.realpath(os.path.join(real_root, *parts))
     if os.path.commonpath([real_root, candidate]) != real_root or candidate == real_root:
-        raise InvalidArgument(f"path {'/'.join(parts)!r} escapes the registry root {real_root}; "
+        raise InvalidArgument(f"path {quoted('/'.join(parts))} escapes the registry root {real_root}; "
                               "use a plain task name and a numeric version")
     return Path(candidate)
 
 
 # ----------------------------------------------------------------------------------------------- files
-
-from core.files import sha256_file  # noqa: E402  (one implementation, re-exported for the registry)
 
 
 def read_adapter_config(path: Path) -> dict:
@@ -206,11 +205,46 @@ def _strip_prefix(module: str) -> str:
     return module
 
 
+def base_weight_shapes(model_dir: str | Path) -> dict[str, list[int]]:
+    """{weight name: shape} of a base model folder's safetensors files, from their headers only (no tensor is
+    read): what an adapter's LoRA factors must fit."""
+    shapes: dict[str, list[int]] = {}
+    files = sorted(Path(model_dir).glob("*.safetensors"))
+    if not files:
+        raise FailedPrecondition(f"base model folder {model_dir} holds no .safetensors weights to check adapters "
+                                 "against")
+    for f in files:
+        for name, info in read_safetensors_header(f).items():
+            shapes[name] = [int(d) for d in info["shape"]]
+    return shapes
+
+
+def _check_shapes(path: Path, tensors: dict, base_shapes: dict[str, list[int]]) -> None:
+    """Every LoRA pair must fit its base weight [out, in]: A is [r, in], B is [out, r]."""
+    for key, info in tensors.items():
+        m = _LORA_KEY.match(key)
+        if m is None:
+            continue
+        module = _strip_prefix(m.group("module"))
+        base = base_shapes.get(f"{module}.weight")
+        if base is None:
+            raise FailedPrecondition(f"adapter {path} has weights for {module!r}, which the served base model does "
+                                     "not have (an adapter for another architecture or size); retrain it on the "
+                                     "served base model")
+        shape = [int(d) for d in info["shape"]]
+        kind = m.group("kind")
+        want = (1, base[1]) if kind == "lora_A" else (0, base[0])
+        if len(shape) != 2 or len(base) != 2 or shape[want[0]] != want[1]:
+            raise FailedPrecondition(f"adapter {path}: {kind} of {module!r} has shape {shape}, which does not fit "
+                                     f"the served base weight {base} (an adapter for another base model); retrain "
+                                     "it on the served base model")
+
+
 # ----------------------------------------------------------------------------------------------- main
 
 def validate_adapter(path, *, base_fingerprint: str | None = None, base_model_id: str | None = None,
                      max_lora_rank: int | None = None, servable_modules=None, check_hashes: bool = True,
-                     manifest: dict | None = None) -> dict:
+                     manifest: dict | None = None, base_shapes: dict[str, list[int]] | None = None) -> dict:
     """Validate a PEFT LoRA folder; return what was learned about it, or raise with a precise message.
 
     path: the PEFT folder (a registry version folder or a training output).
@@ -222,6 +256,7 @@ def validate_adapter(path, *, base_fingerprint: str | None = None, base_model_id
     servable_modules: module names the engine can serve; default from `base_model_id`.
     check_hashes: with a manifest, check every file's sha256 and that no file is missing or extra.
     manifest: the registry manifest of this version (`manifest.json` in `path` is read when None and present).
+    base_shapes: the served base's weight shapes (`base_weight_shapes`); every LoRA factor must fit them.
 
     Returns {"peft_type", "rank", "alpha", "target_modules", "modules", "base_model_name_or_path",
     "tensors", "files": {name: sha256}} where `modules` are the module paths that carry LoRA weights.
@@ -324,6 +359,8 @@ def validate_adapter(path, *, base_fingerprint: str | None = None, base_model_id
     for m in modules:
         if (problem := _module_problem(m, servable)) is not None:
             raise FailedPrecondition(f"adapter {path} has weights for {problem}")
+    if base_shapes is not None:
+        _check_shapes(path, tensors, base_shapes)
 
     return {
         "peft_type": peft_type,

@@ -61,7 +61,8 @@ async def main(args) -> dict:
     await managed.start()
     port = free_port()
     os.environ["SPECIALIST_ROUTER__REGISTRY"] = str(reg.root)
-    proc = start_gateway(managed.url, str(model), port, classifier=False, logs=False, data_dir=work)
+    proc = start_gateway(managed.url, str(model), port, classifier=False, logs=False, data_dir=work,
+                         api_key=managed.api_key)
     target = f"127.0.0.1:{port}"
     result: dict = {}
     try:

@@ -50,13 +50,14 @@ def pct(xs: list[float], q: float) -> float:
 class _Direct:
     """One persistent HTTP session to vLLM; `once(prompt)` -> (ttft_ms, e2e_ms, tokens)."""
 
-    def __init__(self, url: str, model: str, max_tokens: int, limit: int = 4):
+    def __init__(self, url: str, model: str, max_tokens: int, limit: int = 4, api_key: str = ""):
         self.url, self.model, self.max_tokens, self.limit = url, model, max_tokens, limit
+        self.headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
 
     async def __aenter__(self):
         import aiohttp
 
-        self.s = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=self.limit))
+        self.s = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=self.limit), headers=self.headers)
         return self
 
     async def __aexit__(self, *exc):
@@ -139,8 +140,9 @@ async def _run_block(client, mode: str, prompts: list[str], conc: int) -> RunSta
     return st
 
 
-async def run_direct(url: str, model: str, prompts: list[str], conc: int, max_tokens: int) -> RunStats:
-    async with _Direct(url, model, max_tokens, limit=conc * 2) as client:
+async def run_direct(url: str, model: str, prompts: list[str], conc: int, max_tokens: int,
+                     api_key: str = "") -> RunStats:
+    async with _Direct(url, model, max_tokens, limit=conc * 2, api_key=api_key) as client:
         return await _run_block(client, "direct", prompts, conc)
 
 
@@ -161,7 +163,7 @@ def _median_ci(xs: list[float], iters: int = 2000, seed: int = 0) -> tuple[float
 
 
 async def run_paired(url: str, model: str, targets: dict, prompts: list[str], max_tokens: int,
-                     rounds: int) -> dict:
+                     rounds: int, api_key: str = "") -> dict:
     """Concurrency 1, interleaved per request: every prompt goes through every mode back to back (the order
     rotates per prompt), so the paired difference (mode - direct) for the same prompt and the same greedy
     tokens cancels prompt length and machine drift. Reports the median paired difference with a 95 % CI."""
@@ -172,7 +174,7 @@ async def run_paired(url: str, model: str, targets: dict, prompts: list[str], ma
     raw: dict = {m: {"ttft": [], "e2e": []} for m in modes}
     errors = {m: 0 for m in modes}
     async with AsyncExitStack() as stack:
-        clients = {"direct": await stack.enter_async_context(_Direct(url, model, max_tokens))}
+        clients = {"direct": await stack.enter_async_context(_Direct(url, model, max_tokens, api_key=api_key))}
         for m, t in targets.items():
             clients[m] = await stack.enter_async_context(_Gateway(t, m, max_tokens))
         for rnd in range(rounds):
@@ -216,14 +218,15 @@ def render_paired(res: dict) -> str:
 
 
 def start_gateway(url: str, model: str, port: int, *, classifier: bool, logs: bool, data_dir: Path,
-                  classifier_threads: int | None = None) -> subprocess.Popen:
+                  classifier_threads: int | None = None, api_key: str = "") -> subprocess.Popen:
     cmd = [sys.executable, "-m", "cli", "serve", "--backend-url", url, "--model", model, "--port", str(port),
            "--log-level", "WARNING"]
     if not classifier:
         cmd.append("--no-classifier")
     if not logs:
         cmd.append("--no-logs")
-    env = dict(os.environ, SPECIALIST_ROUTER__LOGS__PATH=str(data_dir / f"bench-logs-{port}.sqlite3"))
+    env = dict(os.environ, SPECIALIST_ROUTER__LOGS__PATH=str(data_dir / f"bench-logs-{port}.sqlite3"),
+               SPECIALIST_ROUTER__BACKEND__API_KEY=api_key)
     if classifier_threads is not None:
         env["SPECIALIST_ROUTER__CLASSIFIER__THREADS"] = str(classifier_threads)
     return subprocess.Popen(cmd, env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -305,12 +308,13 @@ async def bench(args) -> dict:
 
     model = str(prepare())
     managed = None
+    api_key = ""
     url = getattr(args, "backend_url", None)
     if not url:
         managed = ManagedVLLM(BackendConfig(max_model_len=2048), model)
         print(f"[bench] starting vLLM ({model}) ...", flush=True)
         await managed.start()
-        url = managed.url
+        url, api_key = managed.url, managed.api_key
     variants = {"gateway": dict(classifier=False, logs=False)}
     if args.classifier:
         threads = [int(t) for t in str(getattr(args, "classifier_threads", "") or "").split(",") if t.strip()]
@@ -327,7 +331,7 @@ async def bench(args) -> dict:
     try:
         for name, kw in variants.items():
             port = free_port()
-            procs.append(start_gateway(url, model, port, data_dir=data, **kw))
+            procs.append(start_gateway(url, model, port, data_dir=data, api_key=api_key, **kw))
             targets[name] = f"127.0.0.1:{port}"
         for t in targets.values():
             await wait_gateway(t)
@@ -336,19 +340,19 @@ async def bench(args) -> dict:
         modes = [*variants, "direct"]
         runs: list[RunStats] = []
         # warm-up (compile paths, caches) not measured
-        await run_direct(url, model, prompts[:4], 4, 8)
+        await run_direct(url, model, prompts[:4], 4, 8, api_key)
         for t in targets.values():
             await run_gateway(t, "gateway", prompts[:4], 4, 8)
         paired = None
         if getattr(args, "paired", 0):
-            paired = await run_paired(url, model, targets, prompts, args.max_tokens, args.paired)
+            paired = await run_paired(url, model, targets, prompts, args.max_tokens, args.paired, api_key=api_key)
             print(render_paired(paired), flush=True)
         for c in concs:
             for rnd in range(args.rounds):
                 order = modes if rnd % 2 == 0 else list(reversed(modes))
                 for m in order:
                     if m == "direct":
-                        st = await run_direct(url, model, prompts, c, args.max_tokens)
+                        st = await run_direct(url, model, prompts, c, args.max_tokens, api_key)
                     else:
                         st = await run_gateway(targets[m], m, prompts, c, args.max_tokens)
                         st.mode = m

@@ -91,7 +91,7 @@ def _stale_default(version_dir: Path) -> bool:
         if Path(str(data.get("path", ""))).name != seed_path().name:
             return False
         encoder = meta.get("encoder") or {}
-        return (data.get("sha256") != sha256_file(seed_path())
+        return (meta.get("format_version") != artifact.FORMAT_VERSION or data.get("sha256") != sha256_file(seed_path())
                 or meta.get("kind") != DEFAULT_KIND or (meta.get("embedding_quant") or "none") != DEFAULT_QUANT
                 or encoder.get("sha256") != sha256_file(shipped_encoder_path()))
     except (OSError, ValueError):

@@ -1,4 +1,7 @@
-"""The classifier artifact: `<dir>/<version>/{model.joblib,metadata.json}` plus `<dir>/current`.
+"""The classifier artifact: `<dir>/<version>/{model.safetensors,model.json,metadata.json}` plus `<dir>/current`.
+
+The model is stored as data (`classifier.modelio`: arrays and JSON), never as a pickle, so loading an artifact
+cannot run code. Format 1 artifacts (a `model.joblib` pickle) are refused, not unpickled.
 
 `metadata.json` records the format version, tasks, threshold, model kind, embedding model id, metrics,
 the sha256 of the training JSONL (data fingerprint), created_at and the sha256 of every other file in the
@@ -16,14 +19,14 @@ from pathlib import Path
 
 import numpy as np
 
+from classifier import modelio
 from classifier.combined import TextsAndEmbeddings
 from classifier.embed import shared
 from core.errors import FailedPrecondition, InvalidArgument
 from core.files import atomic_write_text, file_lock, publish_dir, sha256_file
 from core.paths import classifier_dir
 
-FORMAT_VERSION = 1
-MODEL_FILE = "model.joblib"
+FORMAT_VERSION = 2  # 1: a pickled model.joblib (no longer read)
 METADATA_FILE = "metadata.json"
 CURRENT_FILE = "current"
 FIX = "build it with `specialist-router classifier train` (or delete the folder to rebuild the default)"
@@ -70,21 +73,17 @@ def write_version(root: Path, version: str, model: object, metadata: dict,
 
     `extra_files` ({name in the folder: source path}) are copied in and fingerprinted like the model.
     """
-
-    # lazy: joblib costs ~0.2 s to import; only artifact reads and writes need it
-    import joblib
-
     root.mkdir(parents=True, exist_ok=True)
     final = root / version
     if final.exists():
         raise FailedPrecondition(f"classifier version {final} already exists; choose another --version")
     tmp = root / f".{version}.{os.getpid()}.tmp"
     tmp.mkdir()
-    joblib.dump(model, tmp / MODEL_FILE)
+    written = modelio.save(model, metadata["kind"], tmp)
     meta = dict(metadata)
     meta["format_version"] = FORMAT_VERSION
     meta["version"] = version
-    meta["files"] = {MODEL_FILE: sha256_file(tmp / MODEL_FILE)}
+    meta["files"] = {name: sha256_file(tmp / name) for name in written}
     for name, src in (extra_files or {}).items():
         shutil.copyfile(src, tmp / name)
         meta["files"][name] = sha256_file(tmp / name)
@@ -106,7 +105,8 @@ def _read_metadata(path: Path) -> dict:
     if not isinstance(meta, dict) or any(k not in meta for k in required):
         raise FailedPrecondition(f"classifier metadata {mpath} lacks one of {list(required)}: {FIX}")
     if meta["format_version"] != FORMAT_VERSION:
-        raise FailedPrecondition(f"{mpath} has format version {meta['format_version']}, this code reads "
+        old = " (a pickle, which is never loaded: it could run code)" if meta["format_version"] == 1 else ""
+        raise FailedPrecondition(f"{mpath} has format version {meta['format_version']}{old}, this code reads "
                                  f"{FORMAT_VERSION}: {FIX}")
     return meta
 
@@ -128,13 +128,10 @@ def load(path: str | Path | None = None) -> "Classifier":
     if enc.get("finetuned") and enc.get("file") not in meta["files"]:
         raise FailedPrecondition(f"{vpath / METADATA_FILE} names a fine-tuned encoder {enc.get('file')!r} that is not "
                                  f"among its files: {FIX}")
-    # lazy: joblib costs ~0.2 s to import; only artifact reads and writes need it
-    import joblib
-
-    try:
-        model = joblib.load(vpath / MODEL_FILE)
-    except Exception as exc:  # noqa: BLE001 - any unpickling failure is a corrupt artifact
-        raise FailedPrecondition(f"classifier model {vpath / MODEL_FILE} cannot be loaded ({exc}): {FIX}") from None
+    missing = [f for f in modelio.FILES if f not in meta["files"]]
+    if missing:
+        raise FailedPrecondition(f"{vpath / METADATA_FILE} does not list the model files {missing}: {FIX}")
+    model = modelio.load(vpath, meta["kind"], FIX)
     return Classifier(model=model, metadata=meta, path=vpath)
 
 

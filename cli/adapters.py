@@ -16,7 +16,7 @@ from rich.table import Table
 
 import basemodel
 from adapters.registry import Registry
-from adapters.validation import validate_adapter
+from adapters.validation import base_weight_shapes, validate_adapter
 from cli.remote import add_gateway_flags, client_from
 from core.errors import InvalidArgument, NotFound, UserError
 
@@ -128,7 +128,8 @@ def register_main(args) -> int:
             base_id = str(base_dir)
     reg = _registry(args)
     av = reg.register(args.task, args.peft_dir, base_model_id=base_id, base_fingerprint=basemodel.fingerprint(base_dir),
-                      data_fingerprint=args.data_fingerprint or "", metrics=metrics, parent=args.parent or None)
+                      data_fingerprint=args.data_fingerprint or "", metrics=metrics, parent=args.parent or None,
+                      base_shapes=base_weight_shapes(base_dir))
     if args.alias:
         reg.set_alias(av.task, args.alias, av.version, reason=args.reason or "register")
     if args.json:

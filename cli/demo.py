@@ -58,7 +58,7 @@ async def run_demo(server, *, once: bool = False) -> None:
               " trained specialists come from `specialist-router train`) ===")
         if server.model_dir:
             path = await asyncio.get_running_loop().run_in_executor(
-                None, make_adapter, server.model_dir, paths.data_dir() / "demo" / f"{DEMO_ADAPTER}-v2")
+                None, make_adapter, server.model_dir, paths.local_adapters_dir() / f"{DEMO_ADAPTER}-v2")
             if DEMO_ADAPTER not in (a.name for a in (await c.list_adapters()).loaded):
                 await c.load_adapter(DEMO_ADAPTER, str(path))
             base = await c.generate(prompt, max_tokens=40, temperature=0, adapter="base")

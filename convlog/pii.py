@@ -3,8 +3,10 @@
 Used by the gateway's log writer and by training's scrubbing step (same module, same behaviour).
 
 `PiiPolicy(mode="mask")` replaces:
-- e-mail addresses               -> `[EMAIL]`
-- credit-card numbers            -> `[CARD]`   (13-19 digits, known issuer prefix, Luhn-valid only)
+- e-mail addresses               -> `[EMAIL]`  (also with non-ASCII letters: `josé@correo.es`, `用户@例子.中国`)
+- credit-card numbers            -> `[CARD]`   (13-19 digits, grouped by spaces, dashes or dots, known issuer
+                                                prefix, Luhn-valid only)
+- US social security numbers     -> `[SSN]`    (`123-45-6789`; never-issued areas 000/666/9xx excluded)
 - phone numbers                  -> `[PHONE]`  (`+<country> ...` with 8-15 digits, or North-American
                                                 `(555) 123-4567` / `555-123-4567` / `555.123.4567`)
 - IPv4 / IPv6 addresses          -> `[IP]`     (validated with `ipaddress`; loopback/unspecified kept)
@@ -14,7 +16,10 @@ Deliberately NOT masked (false-positive traps, see tests): version numbers (`v1.
 `version 10.0.19041.1`), dates (`2024-01-15`, `12/03/2023`), times (`12:30:45`), hex literals, UUIDs,
 numeric array literals, `host:port`, ISBNs, order/tracking numbers that fail Luhn or have no issuer prefix,
 plain 10-digit numbers without phone punctuation, `127.0.0.1`, `0.0.0.0`, `::1`.
-Masking is best-effort pattern matching, not a guarantee: names and street addresses are not detected.
+Masking is best-effort pattern matching, not a guarantee. Not detected: names, street addresses, dates of
+birth, SSNs written without dashes, other countries' national ids, IBANs and bank accounts, passport and
+licence numbers, card numbers split across lines, PII inside images or encoded text. Add operator patterns
+(`pii_patterns`) for identifiers of your own domain.
 """
 from __future__ import annotations
 
@@ -27,10 +32,15 @@ from core.errors import InvalidArgument
 
 MODES = ("off", "mask")
 
-_EMAIL = re.compile(r"(?<![\w.+%-])[A-Za-z0-9][A-Za-z0-9._%+-]*@[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?"
-                    r"(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?)*\.[A-Za-z]{2,24}\b")
+# unicode-aware: `\w` is any letter or digit, `[^\W_]` the same without `_`, `[^\W\d_]` letters only
+_EMAIL = re.compile(r"(?<![\w.+%-])[^\W_][\w.%+-]*@[^\W_](?:[\w-]*[^\W_])?"
+                    r"(?:\.[^\W_](?:[\w-]*[^\W_])?)*\.[^\W\d_]{2,24}\b")
 # 13-19 digits, optionally grouped by single spaces or dashes
 _CARD = re.compile(r"(?<![\w.\-/])\d(?:[ -]?\d){12,18}(?![\w/]|[.\-]\d)")
+# dot-grouped, as printed on some receipts: 4111.1111.1111.1111, 3782.822463.10005 (groups only: no dotted runs)
+_CARD_DOTTED = re.compile(r"(?<![\w.\-/])\d{4}\.\d{4,6}\.\d{4,5}(?:\.\d{1,4})?(?![\w/]|[.\-]\d)")
+# US SSN, dashed; areas 000, 666 and 900-999 and group 00 / serial 0000 are never issued
+_SSN = re.compile(r"(?<![\w\-/.])(?!000|666|9\d\d)\d{3}-(?!00)\d{2}-(?!0000)\d{4}(?![\w]|[\-/.]\d)")
 # IPv4: four dotted octets 0..255, not part of a longer dotted run (1.2.3.4.5) or a word (v1.2.3.4)
 _OCTET = r"(?:25[0-5]|2[0-4]\d|1\d\d|[1-9]?\d)"
 _IPV4 = re.compile(rf"(?<![\w.\-]){_OCTET}(?:\.{_OCTET}){{3}}(?![\w\-]|\.\d)")
@@ -64,7 +74,7 @@ def _email_sub(m: re.Match) -> str:
 
 
 def _card_sub(m: re.Match) -> str:
-    digits = re.sub(r"[ -]", "", m.group(0))
+    digits = re.sub(r"[ .-]", "", m.group(0))
     if 13 <= len(digits) <= 19 and _CARD_PREFIX.match(digits) and luhn_valid(digits) and len(set(digits)) > 1:
         return "[CARD]"
     return m.group(0)
@@ -136,6 +146,8 @@ class PiiPolicy:
             text = rx.sub("[REDACTED]", text)
         text = _EMAIL.sub(_email_sub, text)
         text = _CARD.sub(_card_sub, text)
+        text = _CARD_DOTTED.sub(_card_sub, text)
+        text = _SSN.sub("[SSN]", text)
         text = _IPV6.sub(_ipv6_sub, text)
         text = _IPV4.sub(_ipv4_sub, text)
         text = _PHONE_INTL.sub(_phone_intl_sub, text)

@@ -70,3 +70,12 @@ class DeadlineExceeded(ServiceError):
 
 class ConfigError(InvalidArgument):
     """A configuration value is wrong; the message names the key and how to fix it."""
+
+
+def quoted(value: object, limit: int = 64) -> str:
+    """`repr` of a caller-supplied value for an error message, cut to `limit` characters: a message never echoes
+    an arbitrarily large input back."""
+    text = str(value)
+    if len(text) <= limit:
+        return repr(text)
+    return f"{text[:limit]!r}... ({len(text)} characters)"

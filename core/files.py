@@ -113,3 +113,9 @@ def file_lock(path: str | os.PathLike) -> Iterator[None]:
         yield
     finally:
         os.close(fd)
+
+
+def is_inside(path: str | os.PathLike, root: str | os.PathLike) -> bool:
+    """True when `path`, with every symlink resolved, lies in `root` (also resolved) or is `root` itself."""
+    p, r = os.path.realpath(path), os.path.realpath(root)
+    return os.path.commonpath([p, r]) == r

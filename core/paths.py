@@ -34,6 +34,11 @@ def registry_dir() -> Path:
     return data_dir() / "adapters"
 
 
+def local_adapters_dir() -> Path:
+    """Adapters made by hand (not registered) that `LoadAdapter` may load: `<data>/local-adapters/<name>/`."""
+    return data_dir() / "local-adapters"
+
+
 def logs_db() -> Path:
     """Conversation log store (SQLite, WAL)."""
     return data_dir() / "logs" / "router.sqlite3"

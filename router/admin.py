@@ -3,11 +3,11 @@ from __future__ import annotations
 
 import re
 
-from core.errors import FailedPrecondition, InvalidArgument
+from core.errors import FailedPrecondition, InvalidArgument, quoted
 from router.classify import TaskClassifier
 from router.deploy import Deployer
 from router.grpc_errors import maps_errors
-from router.lora import AdapterLoader
+from router.lora import AdapterLoader, AdapterPolicy
 from router.routing import LoadedAdapter, RoutingTable
 from router.v1 import router_pb2 as pb
 from router.v1 import router_pb2_grpc as pbg
@@ -21,8 +21,10 @@ def adapter_info(a: LoadedAdapter, table: RoutingTable) -> pb.AdapterInfo:
 
 
 class AdminServicer(pbg.AdminServiceServicer):
-    def __init__(self, loader: AdapterLoader, deployer: Deployer | None, classifier: TaskClassifier):
+    def __init__(self, loader: AdapterLoader, policy: AdapterPolicy, deployer: Deployer | None,
+                 classifier: TaskClassifier):
         self.loader = loader
+        self.policy = policy
         self.table = loader.table
         self.deployer_ = deployer
         self.classifier = classifier
@@ -43,8 +45,10 @@ class AdminServicer(pbg.AdminServiceServicer):
         if not request.name or not request.path:
             raise InvalidArgument("name and path are required: LoadAdapter(name='code@1', path='/abs/peft/folder')")
         if not ADAPTER_NAME.match(request.name) or request.name == "base":
-            raise InvalidArgument(f"adapter name {request.name!r} is not allowed: use letters, digits, '_', '-', "
-                                  "'.', '@' (max 100 characters), not 'base'")
+            raise InvalidArgument(f"adapter name {quoted(request.name)} is not allowed: use letters, digits, '_', "
+                                  "'-', '.', '@' (max 100 characters), not 'base'")
+        self.policy.check_path(request.path)  # before anything looks at the folder
+        await self.policy.validate(request.path)  # the same checks as a deploy
         a = await self.loader.load(request.name, request.path)
         return pb.LoadAdapterResponse(adapter=adapter_info(a, self.table))
 

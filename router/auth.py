@@ -18,6 +18,8 @@ from router.config import AuthConfig
 SCOPES = ("generate", "admin")
 OPEN_PREFIXES = ("/grpc.health.v1.", "/grpc.reflection.")
 
+MIN_TOKEN_CHARS = 32
+
 
 @dataclass(frozen=True)
 class Token:
@@ -32,6 +34,10 @@ def load_tokens(cfg: AuthConfig) -> list[Token]:
         p = Path(cfg.tokens_file)
         if not p.is_file():
             raise ConfigError(f"auth.tokens_file {p} does not exist")
+        mode = p.stat().st_mode & 0o777
+        if mode & 0o077:
+            raise ConfigError(f"auth.tokens_file {p} is readable by other users (mode {mode:o}): tokens are secrets, "
+                              f"run `chmod 600 {p}`")
         data = yaml.safe_load(p.read_text()) or {}
         raw += list(data.get("tokens", []))
     out = []
@@ -42,8 +48,9 @@ def load_tokens(cfg: AuthConfig) -> list[Token]:
         bad = scopes - set(SCOPES)
         if bad:
             raise ConfigError(f"auth token #{i} has unknown scopes {sorted(bad)}: use {list(SCOPES)}")
-        if len(str(t["token"])) < 16:
-            raise ConfigError(f"auth token #{i} is shorter than 16 characters: use a long random token")
+        if len(str(t["token"])) < MIN_TOKEN_CHARS:
+            raise ConfigError(f"auth token #{i} is shorter than {MIN_TOKEN_CHARS} characters: use a long random token, "
+                              "e.g. `python -c 'import secrets; print(secrets.token_urlsafe(32))'`")
         out.append(Token(str(t["token"]), scopes, str(t.get("name", f"token{i}"))))
     if cfg.enabled and not out:
         raise ConfigError("auth.enabled is true but no tokens are configured (auth.tokens or auth.tokens_file)")

@@ -99,7 +99,17 @@ class VLLMBackend:
 
     # ------------------------------------------------------------------------------------ LoRA
     async def load_lora(self, name: str, path: str) -> None:
-        await self._json("POST", "/v1/load_lora_adapter", {"lora_name": name, "lora_path": path}, what=f"load adapter {name!r}")
+        """An adapter vLLM refuses (corrupt weights, rank, shapes, already loaded) is a permanent problem of that
+        adapter: FAILED_PRECONDITION with vLLM's reason in one line, never UNAVAILABLE (which clients retry).
+        UNAVAILABLE stays for a backend that cannot be reached."""
+        try:
+            await self._json("POST", "/v1/load_lora_adapter", {"lora_name": name, "lora_path": path},
+                             what=f"load adapter {name!r}")
+        except (InvalidArgument, NotFound, Unavailable) as exc:
+            if isinstance(exc, Unavailable) and exc.__cause__ is not None:  # not reached: transient
+                raise
+            reason = " ".join(str(exc).split())[:300]
+            raise FailedPrecondition(f"vLLM refused the adapter: {reason}") from None
 
     async def unload_lora(self, name: str) -> None:
         await self._json("POST", "/v1/unload_lora_adapter", {"lora_name": name}, what=f"unload adapter {name!r}")

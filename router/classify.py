@@ -8,8 +8,12 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import logging
+from pathlib import Path
 
 import classifier as classifier_pkg
+from core.errors import FailedPrecondition, quoted
+from core.files import is_inside
+from core.paths import classifier_dir
 from router.config import ClassifierConfig
 
 log = logging.getLogger("router.gateway")
@@ -55,9 +59,22 @@ class TaskClassifier:
         preds = await asyncio.get_running_loop().run_in_executor(self._pool, clf.predict_detailed, [text])
         return preds[0]
 
+    def allowed_roots(self) -> list[Path]:
+        """Where artifacts may be loaded from: the data root's classifier folder and the configured artifact."""
+        return [classifier_dir(), *([Path(self.cfg.path)] if self.cfg.path else [])]
+
     async def reload(self, path: str | None):
         """Load and warm the artifact at `path` (None: the configured or default one), then swap it in; requests
-        keep the current classifier until the new one is ready. Encoders only the old one used are released."""
+        keep the current classifier until the new one is ready. Encoders only the old one used are released.
+        Only folders the gateway owns are read (symlinks resolved first); anything else is refused before any
+        file in it is opened, with the same message whether it exists or not."""
+        if path:
+            roots = self.allowed_roots()
+            if not any(is_inside(path, r) for r in roots):
+                raise FailedPrecondition(f"ReloadClassifier path {quoted(path)} is outside the gateway's classifier "
+                                         f"folder {roots[0]}: artifacts are loaded only from there (or the "
+                                         "configured classifier.path); train into it with `specialist-router "
+                                         "classifier train --out`")
         path = path or self.cfg.path or None
 
         def load_warm():

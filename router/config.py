@@ -28,7 +28,8 @@ class BackendConfig:
     url: str = _s("", "Base URL of an already running vLLM OpenAI server (external mode), e.g. http://gpu-1:8000.")
     model: str = _s("", "Model path or id served by vLLM. Empty: the prepared embedded default (SmolLM2-135M-Instruct).",
                     flag="--model")
-    api_key: str = _s("", "Bearer token for an external vLLM started with --api-key.")
+    api_key: str = _s("", "Bearer token for an external vLLM started with --api-key. A managed vLLM gets a random key "
+                          "per gateway start (only the gateway knows it); set this to choose it yourself.")
     max_loras: int = _s(4, "Adapters resident in one batch (vLLM --max-loras).", flag="--max-loras")
     max_cpu_loras: int = _s(8, "Adapters cached in host memory (vLLM --max-cpu-loras); more are loaded on demand.",
                             flag="--max-cpu-loras")
@@ -86,11 +87,22 @@ class ClassifierConfig:
 
 @dataclass
 class LimitsConfig:
-    """Bounds on what one request may carry."""
+    """Bounds on what one request may carry (every free-text field has one); a request over a bound gets
+    INVALID_ARGUMENT naming the field and the bound. The gRPC receive limit follows from them."""
 
-    max_message_chars: int = _s(200_000, "Largest accepted message content, in characters.")
+    max_message_chars: int = _s(200_000, "Largest accepted message content (and Classify text), in characters.")
+    max_request_chars: int = _s(1_000_000, "Largest total content of one request's messages, in characters.")
+    max_messages: int = _s(512, "Most messages in one request.")
+    max_stop_chars: int = _s(256, "Longest stop string, in characters (at most 8 stop strings).")
+    max_feedback_chars: int = _s(20_000, "Longest feedback correction, in characters.")
+    max_comment_chars: int = _s(2_000, "Longest feedback comment, in characters.")
+    max_name_chars: int = _s(128, "Longest adapter name, task, client id or request id in a request.")
     max_concurrent_streams: int = _s(256, "Requests in flight at once; more get RESOURCE_EXHAUSTED.")
-    max_receive_mb: int = _s(64, "Largest gRPC request the server accepts, in MiB.")
+
+    def receive_bytes(self) -> int:
+        """The gRPC receive limit: the largest valid request (4 bytes per character at worst in UTF-8), plus room
+        for the other fields and protobuf framing."""
+        return 4 * self.max_request_chars + 4 * (self.max_feedback_chars + self.max_comment_chars) + (1 << 20)
 
 
 @dataclass
@@ -117,6 +129,8 @@ class GatewayConfig:
     task_adapters: dict = _s({}, "Static task -> adapter name table (the registry's production aliases take "
                                  "precedence).")
     registry: str = _s("", "Adapter registry root; empty: <data dir>/adapters.", flag="--registry")
+    adapter_roots: list = _s([], "Folders LoadAdapter may load unregistered adapters from, besides the registry and "
+                                 "<data dir>/local-adapters (symlinks are resolved before the check).")
     backend: BackendConfig = section(BackendConfig)
     auth: AuthConfig = section(AuthConfig)
     logs: LogsConfig = section(LogsConfig)
@@ -139,7 +153,8 @@ class GatewayConfig:
             raise ConfigError(f"classifier.threads must be >= 0 (0: torch's default), got {self.classifier.threads}")
         if self.classifier.workers < 1:
             raise ConfigError(f"classifier.workers must be >= 1, got {self.classifier.workers}")
-        for name in ("max_message_chars", "max_concurrent_streams", "max_receive_mb"):
+        for name in ("max_message_chars", "max_request_chars", "max_messages", "max_stop_chars", "max_feedback_chars",
+                     "max_comment_chars", "max_name_chars", "max_concurrent_streams"):
             if getattr(self.limits, name) < 1:
                 raise ConfigError(f"limits.{name} must be >= 1, got {getattr(self.limits, name)}")
         for name in ("drain_timeout_s", "registry_poll_s", "smoke_timeout_s"):

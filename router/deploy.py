@@ -18,14 +18,12 @@ import contextlib
 import logging
 import time
 from collections import defaultdict
-from pathlib import Path
 
 from adapters.registry import Registry
-from adapters.validation import validate_adapter, validate_names
-from basemodel import fingerprint
+from adapters.validation import validate_names
 from core.errors import FailedPrecondition, NotFound, RouterError
 from router.config import DeployConfig
-from router.lora import AdapterLoader
+from router.lora import AdapterLoader, AdapterPolicy
 
 log = logging.getLogger("router.deploy")
 
@@ -33,36 +31,24 @@ log = logging.getLogger("router.deploy")
 class Deployer:
     """Deploys, rolls back and retires registry versions through `loader` (the backend and the routing table)."""
 
-    def __init__(self, registry: Registry, loader: AdapterLoader, cfg: DeployConfig, *, model_dir: str | None,
-                 served_model: str, max_lora_rank: int):
+    def __init__(self, registry: Registry, loader: AdapterLoader, policy: AdapterPolicy, cfg: DeployConfig):
         self.registry = registry
         self.loader = loader
+        self.policy = policy
         self.table = loader.table
         self.cfg = cfg
-        self.model_dir = model_dir
-        self.served_model = served_model
-        self.max_lora_rank = max_lora_rank
         self._bg: set[asyncio.Task] = set()
         self._locks: dict[str, asyncio.Lock] = defaultdict(asyncio.Lock)
         self._poll_task: asyncio.Task | None = None
         self._generation = -1
-        self._base_fp: str | None = None
 
     # -------------------------------------------------------------------------- helpers
-    def base_fingerprint(self) -> str | None:
-        if self._base_fp is None and self.model_dir:
-            with contextlib.suppress(Exception):
-                self._base_fp = fingerprint(Path(self.model_dir))
-        return self._base_fp
-
     async def _io(self, fn, *args, **kw):
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(None, lambda: fn(*args, **kw))
 
     async def _validate(self, av) -> None:
-        await self._io(validate_adapter, av.path, base_fingerprint=self.base_fingerprint(),
-                       base_model_id=self.served_model, max_lora_rank=self.max_lora_rank,
-                       manifest=av.manifest)
+        await self.policy.validate(str(av.path), manifest=av.manifest)
 
     async def _smoke(self, name: str) -> None:
         payload = {"model": name, "messages": [{"role": "user", "content": "ping"}], "max_tokens": 1, "temperature": 0}

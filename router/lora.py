@@ -1,7 +1,12 @@
-"""Which LoRA adapters the backend holds: load and unload them one at a time, and put them back after a restart.
+"""Which LoRA adapters the backend holds, and what may be loaded into it.
 
-The routing table's `loaded` map is the gateway's view of the backend; it is replaced as a whole, so a request
-sees the old or the new map, never a half-updated one.
+`AdapterPolicy`: adapters are loaded only from folders the gateway owns (the registry and the configured
+`adapter_roots`, symlinks resolved before the check) and only after the same validation a deploy runs: PEFT
+LoRA, base fingerprint (registry versions), rank, servable modules and every factor's shape against the
+served base model's weights. `AdapterLoader`: loads and unloads one at a time, refuses a name already loaded
+from another folder, and puts everything back after a backend restart. The routing table's `loaded` map is the
+gateway's view of the backend; it is replaced as a whole, so a request sees the old or the new map, never a
+half-updated one.
 """
 from __future__ import annotations
 
@@ -9,11 +14,52 @@ import asyncio
 import logging
 from pathlib import Path
 
-from core.errors import FailedPrecondition, InvalidArgument, NotFound, RouterError
+from adapters.validation import base_weight_shapes, validate_adapter
+from basemodel import fingerprint
+from core.errors import FailedPrecondition, InvalidArgument, NotFound, RouterError, quoted
+from core.files import is_inside
 from router.backend import VLLMBackend
 from router.routing import LoadedAdapter, RoutingTable
 
 log = logging.getLogger("router.gateway")
+
+
+class AdapterPolicy:
+    def __init__(self, roots: list[Path], *, model_dir: str | None, served_model: str, max_lora_rank: int):
+        self.roots = roots
+        self.model_dir = model_dir
+        self.served_model = served_model
+        self.max_lora_rank = max_lora_rank
+        self._base: tuple[str | None, dict | None] | None = None
+
+    def check_path(self, path: str) -> None:
+        """Refuse a folder outside the allowed roots, before looking at it (the same answer whether it exists)."""
+        if not any(is_inside(path, r) for r in self.roots):
+            raise FailedPrecondition(f"adapter path {quoted(path)} is outside the folders this gateway loads "
+                                     f"adapters from ({', '.join(str(r) for r in self.roots)}): register it "
+                                     "(`specialist-router adapters register`) or copy it into one of them")
+
+    def _base_info(self) -> tuple[str | None, dict | None]:
+        """(weights fingerprint, weight shapes) of the served base, when its folder is on this host."""
+        if self._base is None:
+            fp = shapes = None
+            if self.model_dir:
+                try:
+                    fp, shapes = fingerprint(Path(self.model_dir)), base_weight_shapes(self.model_dir)
+                except RouterError as exc:
+                    log.warning("cannot read the base model at %s (%s): adapters are checked without it",
+                                self.model_dir, exc)
+            self._base = (fp, shapes)
+        return self._base
+
+    async def validate(self, path: str, manifest: dict | None = None) -> dict:
+        """The deploy checks, off the event loop; FAILED_PRECONDITION with the reason when the adapter cannot be
+        served."""
+        def run() -> dict:
+            fp, shapes = self._base_info()
+            return validate_adapter(path, base_fingerprint=fp, base_model_id=self.served_model,
+                                    max_lora_rank=self.max_lora_rank, manifest=manifest, base_shapes=shapes)
+        return await asyncio.get_running_loop().run_in_executor(None, run)
 
 
 class AdapterLoader:
@@ -31,7 +77,7 @@ class AdapterLoader:
             have = self.table.loaded.get(name)
             if have is not None:
                 if have.path and Path(have.path).resolve() != Path(resolved):
-                    raise FailedPrecondition(f"adapter name {name!r} is already loaded from another folder: unload it "
+                    raise FailedPrecondition(f"adapter name {quoted(name)} is already loaded from another folder: unload it "
                                              "first, or load this folder under another name")
                 if (task, version) != (have.task, have.version) and (task or version):
                     # found in the backend at start (external mode) without its registry identity: record it now
@@ -81,4 +127,4 @@ class AdapterLoader:
         log.info("re-loaded %d adapter(s) into the restarted backend", len(self.table.loaded))
 
     def not_loaded(self, name: str) -> NotFound:
-        return NotFound(f"adapter {name!r} is not loaded; loaded: {sorted(self.table.loaded) or 'none'}")
+        return NotFound(f"adapter {quoted(name)} is not loaded; loaded: {sorted(self.table.loaded) or 'none'}")

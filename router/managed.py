@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import secrets
 import signal
 import socket
 import subprocess
@@ -41,13 +42,14 @@ def vllm_command(cfg: BackendConfig, model: str, port: int, served_name: str | N
            "--max-lora-rank", str(cfg.max_lora_rank), "--disable-uvicorn-access-log"]
     if served_name:
         cmd += ["--served-model-name", served_name]
-    if cfg.api_key:
-        cmd += ["--api-key", cfg.api_key]
     return cmd + [str(a) for a in cfg.extra_args]
 
 
-def vllm_env(cfg: BackendConfig) -> dict:
+def vllm_env(cfg: BackendConfig, api_key: str) -> dict:
+    """The child's environment. The API key travels here, not on the command line: a process's environment is
+    readable only by its own user, its arguments by everyone on the host (`ps`)."""
     env = dict(os.environ)
+    env["VLLM_API_KEY"] = api_key
     env["VLLM_ALLOW_RUNTIME_LORA_UPDATING"] = "True"
     env.setdefault("VLLM_CPU_KVCACHE_SPACE", str(cfg.kv_cache_gb))
     if cfg.cpu_threads_bind:
@@ -71,6 +73,10 @@ class ManagedVLLM:
         self._stopping = False
         self._watch_task: asyncio.Task | None = None
         self.restarting = False  # True from a detected crash until the restarted server has its adapters back
+        # vLLM guards /v1/* (generate, load and unload adapters) with this key: only the gateway, which gets it from
+        # here, can use the engine; nothing else on the host can bypass the gateway's auth, checks and logs.
+        # A new key per gateway start (kept across restarts of the child, which the gateway's client keeps using).
+        self.api_key = cfg.api_key or secrets.token_urlsafe(32)
 
     @property
     def url(self) -> str:
@@ -84,7 +90,7 @@ class ManagedVLLM:
         logf = open(self.log_path, "ab")
         cmd = vllm_command(self.cfg, self.model, self.port, self.served_name)
         log.info("starting managed vLLM on %s: %s (log: %s)", self.url, " ".join(cmd), self.log_path)
-        self.proc = subprocess.Popen(cmd, env=vllm_env(self.cfg), stdout=logf, stderr=subprocess.STDOUT,
+        self.proc = subprocess.Popen(cmd, env=vllm_env(self.cfg, self.api_key), stdout=logf, stderr=subprocess.STDOUT,
                                      stdin=subprocess.DEVNULL, start_new_session=True)
         logf.close()
 

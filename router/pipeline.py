@@ -171,7 +171,7 @@ class Pipeline:
                 raise ResourceExhausted(f"more than {limit} requests in flight: retry with backoff")
             checked = check_request(req, default_max_tokens=self.cfg.default_max_tokens,
                                     max_model_len=self.cfg.backend.max_model_len,
-                                    max_chars=self.cfg.limits.max_message_chars)
+                                    limits=self.cfg.limits)
             rec.messages, rec.sampling = checked.messages, checked.sampling
             decision, rec.classify_ms = await self.route(req, checked.messages)
             rec.task, rec.confidence, rec.route_reason = decision.task, decision.confidence, decision.reason_name

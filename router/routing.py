@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 from dataclasses import dataclass, field
 
-from core.errors import InvalidArgument, NotFound
+from core.errors import InvalidArgument, NotFound, quoted
 from router.v1 import router_pb2 as pb
 
 BASE = "base"
@@ -95,7 +95,7 @@ def explicit_adapter(table: RoutingTable, name: str) -> Decision:
     if routed:
         return Decision(routed, name, 1.0, pb.ROUTE_REASON_ADAPTER_OVERRIDE)
     known = sorted(set(table.loaded) | set(table.routes))
-    raise NotFound(f"adapter {name!r} is not loaded: use one of {known or 'none loaded'}, a task name with a "
+    raise NotFound(f"adapter {quoted(name)} is not loaded: use one of {known or 'none loaded'}, a task name with a "
                    f"deployed specialist, or 'base' (list them with `specialist-router adapters list`)")
 
 
@@ -104,7 +104,7 @@ def decide(table: RoutingTable, *, task_override: str, known_tasks: list[str] | 
     """Policy for requests without an explicit adapter. `prediction` is the classifier's Prediction or None."""
     if task_override:
         if known_tasks is not None and task_override not in known_tasks and task_override not in table.routes:
-            raise InvalidArgument(f"task {task_override!r} is not a known task: use one of {sorted(known_tasks)}")
+            raise InvalidArgument(f"task {quoted(task_override)} is not a known task: use one of {sorted(known_tasks)}")
         return Decision(table.route_for(task_override), task_override, 1.0, pb.ROUTE_REASON_TASK_OVERRIDE)
     if prediction is None:
         return Decision("", "", 0.0, pb.ROUTE_REASON_CLASSIFIER_DISABLED)

@@ -21,6 +21,7 @@ from adapters.registry import Registry
 from convlog.pii import PiiPolicy
 from convlog.store import open_store
 from convlog.writer import AsyncLogWriter
+from core import paths
 from core.errors import FailedPrecondition, RouterError, Unavailable
 from router import health as health_mod
 from router.admin import AdminServicer
@@ -31,7 +32,7 @@ from router.config import GatewayConfig
 from router.deploy import Deployer
 from router.grpc_errors import add_servicer
 from router.health import SERVICES, Health
-from router.lora import AdapterLoader
+from router.lora import AdapterLoader, AdapterPolicy
 from router.managed import ManagedVLLM
 from router.pipeline import LogSink, Pipeline
 from router.routing import LoadedAdapter, RoutingTable
@@ -105,7 +106,7 @@ async def _backend(cfg: GatewayConfig, progress) -> tuple[VLLMBackend, ManagedVL
         managed = ManagedVLLM(b, model)
         progress(f"[gateway] starting managed vLLM for {model} on {managed.url} (first start ~1 min)")
         await managed.start()
-        backend = VLLMBackend(managed.url, api_key=b.api_key, request_timeout_s=b.request_timeout_s)
+        backend = VLLMBackend(managed.url, api_key=managed.api_key, request_timeout_s=b.request_timeout_s)
         return backend, managed, model, (model if Path(model).is_dir() else None), []
     backend = VLLMBackend(b.url, api_key=b.api_key, request_timeout_s=b.request_timeout_s)
     listed: list[dict] = []
@@ -139,17 +140,19 @@ async def build(cfg: GatewayConfig, *, progress=print) -> Server:
         if m.get("parent"):
             table.loaded[m["id"]] = LoadedAdapter(name=m["id"], path=str(m.get("root", "")))
     loader = AdapterLoader(backend, table)
+    registry = Registry(cfg.registry or None)
+    policy = AdapterPolicy([registry.root, paths.local_adapters_dir(), *(Path(r) for r in cfg.adapter_roots)],
+                           model_dir=model_dir, served_model=served, max_lora_rank=cfg.backend.max_lora_rank)
     health_ = Health()
     logs = LogSink(writer)
     pipeline = Pipeline(cfg, backend, table, task_classifier, logs, health_, served_model=served, managed=managed)
-    deployer = Deployer(Registry(cfg.registry or None), loader, cfg.deploy, model_dir=model_dir, served_model=served,
-                        max_lora_rank=cfg.backend.max_lora_rank)
+    deployer = Deployer(registry, loader, policy, cfg.deploy)
     await deployer.restore()
 
     server = grpc.aio.server(interceptors=interceptors, options=[
-        ("grpc.max_receive_message_length", cfg.limits.max_receive_mb * 1024 * 1024), ("grpc.so_reuseport", 0)])
+        ("grpc.max_receive_message_length", cfg.limits.receive_bytes()), ("grpc.so_reuseport", 0)])
     add_servicer(server, "RouterService", RouterServicer(pipeline, writer))
-    add_servicer(server, "AdminService", AdminServicer(loader, deployer, task_classifier))
+    add_servicer(server, "AdminService", AdminServicer(loader, policy, deployer, task_classifier))
     health_pb2_grpc.add_HealthServicer_to_server(health_.servicer, server)
     names = [pb.DESCRIPTOR.services_by_name[s.split(".")[-1]].full_name for s in SERVICES]
     reflection.enable_server_reflection([*names, health.SERVICE_NAME, reflection.SERVICE_NAME], server)

@@ -4,7 +4,7 @@ from __future__ import annotations
 from core.errors import FailedPrecondition, InvalidArgument
 from router.grpc_errors import maps_errors
 from router.pipeline import Chunk, Finished, Pipeline, Started, last_user_text, new_request_id
-from router.request_checks import check_messages
+from router.request_checks import check_messages, check_name, check_text
 from router.routing import Decision, decide
 from router.v1 import router_pb2 as pb
 from router.v1 import router_pb2_grpc as pbg
@@ -77,10 +77,9 @@ class RouterServicer(pbg.RouterServiceServicer):
 
     @maps_errors
     async def Classify(self, request, context):
-        cfg = self.pipeline.cfg
-        text = request.text or last_user_text(check_messages(request.messages,
-                                                             max_chars=cfg.limits.max_message_chars)
-                                              if request.messages else [])
+        limits = self.pipeline.cfg.limits
+        text = check_text("text", request.text, limits.max_message_chars, "max_message_chars") or \
+            last_user_text(check_messages(request.messages, limits) if request.messages else [])
         if not text.strip():
             raise InvalidArgument("text is empty: send the prompt to classify in `text` or `messages`")
         clf = self.pipeline.classifier
@@ -96,8 +95,12 @@ class RouterServicer(pbg.RouterServiceServicer):
 
     @maps_errors
     async def SubmitFeedback(self, request, context):
+        limits = self.pipeline.cfg.limits
         if not request.request_id:
             raise InvalidArgument("request_id is empty: pass the request_id returned by Generate")
+        check_name("request_id", request.request_id, limits)
+        check_text("correction", request.correction, limits.max_feedback_chars, "max_feedback_chars")
+        check_text("comment", request.comment, limits.max_comment_chars, "max_comment_chars")
         if not 1 <= request.rating <= 5:
             raise InvalidArgument(f"rating is {request.rating}: use 1 (bad) to 5 (excellent)")
         if self.log_writer is None:

@@ -90,6 +90,11 @@ class VLLMHandle:
     model_dir: Path
     managed: object
     max_loras: int  # the server's --max-loras: adapters that share one batch
+    api_key: str  # vLLM refuses /v1/* without it
+
+    @property
+    def headers(self) -> dict:
+        return {"Authorization": f"Bearer {self.api_key}"}
 
 
 class _Loop:
@@ -123,7 +128,8 @@ def vllm_server(model_dir, bg_loop):
     cfg = BackendConfig(max_loras=4, max_cpu_loras=8, max_lora_rank=64, max_model_len=2048, restart=False)
     m = ManagedVLLM(cfg, str(model_dir))
     bg_loop.run(m.start())
-    yield VLLMHandle(url=m.url, model=str(model_dir), model_dir=model_dir, managed=m, max_loras=cfg.max_loras)
+    yield VLLMHandle(url=m.url, model=str(model_dir), model_dir=model_dir, managed=m, max_loras=cfg.max_loras,
+                     api_key=m.api_key)
     bg_loop.run(m.stop())
 
 
@@ -152,8 +158,10 @@ def gateway_factory(vllm_server, bg_loop, tmp_path_factory):
     started: list[GatewayHandle] = []
 
     def make(overrides: dict | None = None, *, external: bool = True) -> GatewayHandle:
+        # adapters made by tests live under pytest's temp folder: the test gateways may load from it
         o = {"port": 0, "classifier": {"enabled": False}, "logs": {"enabled": False},
-             "registry": str(tmp_path_factory.mktemp("registry"))}
+             "registry": str(tmp_path_factory.mktemp("registry")),
+             "adapter_roots": [str(tmp_path_factory.getbasetemp())]}
         for k, v in (overrides or {}).items():
             if isinstance(v, dict) and isinstance(o.get(k), dict):
                 o[k] = {**o[k], **v}
@@ -162,6 +170,7 @@ def gateway_factory(vllm_server, bg_loop, tmp_path_factory):
         if external:
             o.setdefault("backend", {})
             o["backend"] = {"mode": "external", "url": vllm_server.url, "model": str(vllm_server.model_dir),
+                            "api_key": vllm_server.api_key,
                             **o["backend"]}
         cfg = config.load(None, o)
         server = bg_loop.run(build(cfg, progress=lambda *_: None))

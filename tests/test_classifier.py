@@ -60,7 +60,8 @@ def test_artifact_round_trip(trained, clf):
     meta = json.loads((root / "v1" / "metadata.json").read_text())
     assert meta["tasks"] == classifier.DEFAULT_TASKS or sorted(meta["tasks"]) == sorted(classifier.DEFAULT_TASKS)
     assert meta["embedding_model"] == "sentence-transformers/all-MiniLM-L6-v2"
-    assert len(meta["data"]["sha256"]) == 64 and meta["files"]["model.joblib"]
+    assert len(meta["data"]["sha256"]) == 64 and meta["files"]["model.safetensors"] and meta["files"]["model.json"]
+    assert meta["format_version"] == 2 and not (root / "v1" / "model.joblib").exists()  # data, never a pickle
     assert meta["created_at"] and 0.0 < meta["threshold"] < 1.0
     assert clf.version == "v1" and clf.threshold == meta["threshold"] and sorted(clf.tasks) == sorted(classifier.DEFAULT_TASKS)
     # a version folder loads directly too, and predictions are identical
@@ -146,7 +147,7 @@ def test_corrupt_metadata(trained, tmp_path):
 def test_tampered_model_file(trained, tmp_path):
     root, _ = trained
     shutil.copytree(root / "v1", tmp_path / "v1")
-    with open(tmp_path / "v1" / "model.joblib", "ab") as fh:
+    with open(tmp_path / "v1" / "model.safetensors", "ab") as fh:
         fh.write(b"x")
     with pytest.raises(FailedPrecondition, match="sha256"):
         classifier.load(tmp_path / "v1")
@@ -466,3 +467,59 @@ def test_traced_encoder_equals_eager(embedder):
         got, _ = embedder.encode(batch)
         ref, _ = eager.encode(batch)
         assert got.shape == ref.shape and np.allclose(got, ref, atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("kind", ["embed", "tfidf", "combined"])
+def test_model_saved_as_data_predicts_the_same(kind, tmp_path):
+    """Every kind `classifier train` fits survives the no-pickle format (arrays + JSON) with the same
+    probabilities, on texts the model has not seen."""
+    import numpy as np
+
+    from classifier import modelio
+    from classifier.combined import TextsAndEmbeddings
+    from classifier.train import make_model
+
+    rng = np.random.default_rng(0)
+    texts = [f"{w} {rng.integers(1000)} please {w}s" for w in ("sql", "poem", "sum") for _ in range(8)]
+    labels = [t.split()[0] for t in texts]
+    emb = rng.normal(size=(len(texts), 384))
+    emb /= np.linalg.norm(emb, axis=1, keepdims=True)
+    x = {"embed": emb, "tfidf": texts, "combined": TextsAndEmbeddings(texts, emb)}[kind]
+    model = make_model(kind, None).fit(x, labels)
+    modelio.save(model, kind, tmp_path)
+    again = modelio.load(tmp_path, kind, "retrain")
+    new_texts = ["sql 5 please poems", "a sum of poems", "nothing known here"]
+    new_emb = rng.normal(size=(3, 384))
+    new_x = {"embed": new_emb, "tfidf": new_texts, "combined": TextsAndEmbeddings(new_texts, new_emb)}[kind]
+    assert list(again.classes_) == list(model.classes_)
+    np.testing.assert_allclose(again.predict_proba(new_x), model.predict_proba(new_x), rtol=1e-12, atol=1e-12)
+
+
+def test_a_pickled_artifact_is_refused_and_never_unpickled(trained, tmp_path):
+    """The old format was a pickle: an artifact folder with a payload in `model.joblib` (and metadata whose
+    sha256 matches it, as an attacker writing both files would make) is refused, and the payload never runs."""
+    import hashlib
+    import pickle
+
+    marker = tmp_path / "payload-ran"
+
+    class Payload:
+        def __reduce__(self):
+            return (open, (str(marker), "w"))
+
+    root, _ = trained
+    for fmt in (1, 2):
+        v = tmp_path / f"evil{fmt}"
+        shutil.copytree(root / "v1", v)
+        for f in ("model.safetensors", "model.json"):
+            (v / f).unlink()
+        blob = pickle.dumps(Payload())
+        (v / "model.joblib").write_bytes(blob)
+        meta = json.loads((v / "metadata.json").read_text())
+        meta["format_version"] = fmt
+        meta["files"] = {**{k: d for k, d in meta["files"].items() if not k.startswith("model.")},
+                         "model.joblib": hashlib.sha256(blob).hexdigest()}
+        (v / "metadata.json").write_text(json.dumps(meta))
+        with pytest.raises(FailedPrecondition, match="format version 1 .a pickle" if fmt == 1 else "model files"):
+            classifier.load(v)
+    assert not marker.exists()

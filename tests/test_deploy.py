@@ -160,8 +160,9 @@ def test_no_request_fails_during_deploys(setup, poll):
 def test_auth_scopes(gateway_factory, tmp_path):
     tokens = tmp_path / "tokens.yaml"
     tokens.write_text("tokens:\n"
-                      "  - {token: gen-token-0123456789abcdef, scopes: [generate], name: app}\n"
-                      "  - {token: admin-token-0123456789abcdef, scopes: [generate, admin], name: ops}\n")
+                      "  - {token: gen-token-0123456789abcdef-0123456789, scopes: [generate], name: app}\n"
+                      "  - {token: admin-token-0123456789abcdef-0123456789, scopes: [generate, admin], name: ops}\n")
+    tokens.chmod(0o600)
     gw = gateway_factory({"auth": {"enabled": True, "tokens_file": str(tokens)}})
     with Client(gw.target, token="", timeout=60) as anon:
         with pytest.raises(GatewayError) as e:
@@ -171,11 +172,11 @@ def test_auth_scopes(gateway_factory, tmp_path):
         with pytest.raises(GatewayError) as e:
             bad.generate(PROMPT, max_tokens=2)
         assert e.value.code == grpc.StatusCode.UNAUTHENTICATED
-    with Client(gw.target, token="gen-token-0123456789abcdef", timeout=60) as app:
+    with Client(gw.target, token="gen-token-0123456789abcdef-0123456789", timeout=60) as app:
         assert app.generate(PROMPT, max_tokens=2).usage.completion_tokens >= 1
         with pytest.raises(grpc.RpcError) as e:
             app.admin.ListAdapters(pb.ListAdaptersRequest(), metadata=app.metadata, timeout=10)
         assert e.value.code() == grpc.StatusCode.PERMISSION_DENIED
         assert "admin" in e.value.details()
-    with Client(gw.target, token="admin-token-0123456789abcdef", timeout=60) as ops:
+    with Client(gw.target, token="admin-token-0123456789abcdef-0123456789", timeout=60) as ops:
         ops.admin.ListAdapters(pb.ListAdaptersRequest(), metadata=ops.metadata, timeout=10)

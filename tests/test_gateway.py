@@ -14,7 +14,7 @@ PROMPT = [{"role": "user", "content": "List three fruits."}]
 
 
 def direct_chat(vllm, messages, model=None, **kw) -> dict:
-    r = httpx.post(f"{vllm.url}/v1/chat/completions", timeout=300,
+    r = httpx.post(f"{vllm.url}/v1/chat/completions", timeout=300, headers=vllm.headers,
                    json={"model": model or vllm.model, "messages": messages, **kw})
     r.raise_for_status()
     return r.json()

@@ -284,7 +284,21 @@ def test_pii_masks_realistic_text():
     assert "exp 09/27" in out and out.startswith("Hi, I'm Dana (")
 
 
+@pytest.mark.parametrize("text, secret, tag", [
+    ("my SSN is 123-45-6789, thanks", "123-45-6789", "[SSN]"),
+    ("write to josé.garcía@correo.es today", "josé.garcía", "[EMAIL]"),
+    ("或者发到 用户@例子.中国 吧", "用户@例子", "[EMAIL]"),
+    ("card on the receipt: 4111.1111.1111.1111", "4111.1111", "[CARD]"),
+    ("amex 3782.822463.10005 expires soon", "3782.822463", "[CARD]"),
+])
+def test_pii_masks_each_kind_that_slipped_through(text, secret, tag):
+    out = PiiPolicy("mask").apply(text)
+    assert secret not in out and tag in out, out
+
+
 @pytest.mark.parametrize("text", [
+    "Never issued: 000-12-3456, 666-12-3456, 912-34-5678; phone-like 555-12-34567; part no. 123-45-67890",
+    "Dotted runs are not cards: 1.2.3.4.5.6.7.8.9.10.11.12.13 and 4111.1111.1111 (12 digits) and pi 3.14159265358979",
     "Upgrade to version 1.2.3.4, or pin foo==2.10.0.1 and v10.0.19041.1; python 3.11.4.1 works too",
     "Dates: 2024-01-15, 12/03/2023, 2024-01-15T12:30:45Z and 03.04.2024 at 12:30:45",
     "mask = 0xFFFFFFFF; id = '123e4567-e89b-12d3-a456-426614174000'; sha = 9f86d081884c7d659a2feaa0c55ad015",

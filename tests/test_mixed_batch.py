@@ -41,6 +41,7 @@ def mixed_batch_adapters(vllm_server, tmp_path_factory, make_lora):
         r = httpx.post(
             f"{vllm_server.url}/v1/load_lora_adapter",
             json={"lora_name": name, "lora_path": str(path)},
+            headers=vllm_server.headers,
             timeout=120,
         )
         assert r.status_code == 200, r.text
@@ -48,7 +49,8 @@ def mixed_batch_adapters(vllm_server, tmp_path_factory, make_lora):
     yield names
     for name in names:
         try:
-            httpx.post(f"{vllm_server.url}/v1/unload_lora_adapter", json={"lora_name": name}, timeout=60)
+            httpx.post(f"{vllm_server.url}/v1/unload_lora_adapter", json={"lora_name": name},
+                       headers=vllm_server.headers, timeout=60)
         except httpx.HTTPError:
             pass
 
@@ -68,7 +70,7 @@ def test_mixed_base_and_lora_batch_matches_solo(vllm_server, mixed_batch_adapter
     jobs = [(m, p) for p in PROMPTS for m in models]
 
     async def run():
-        async with httpx.AsyncClient() as client:
+        async with httpx.AsyncClient(headers=vllm_server.headers) as client:
             solo = [await _complete(client, vllm_server.url, m, p) for m, p in jobs]
             # Fired at once so base and LoRA requests are scheduled into the same batches.
             batched = await asyncio.gather(*(_complete(client, vllm_server.url, m, p) for m, p in jobs))

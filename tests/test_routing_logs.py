@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -11,6 +12,7 @@ import grpc
 import pytest
 
 from convlog.store import open_store
+from core.paths import classifier_dir
 from router.client import Client, GatewayError, RetryPolicy
 from router.v1 import router_pb2 as pb
 
@@ -129,19 +131,19 @@ def test_reload_classifier_swaps_warm_and_releases_the_old_encoder(routed_gatewa
     from classifier.train import ClassifierTrainConfig, train
 
     gw = routed_gateway
-    data = ops_data
-    # the stock encoder (operators' --encoder base): not the fine-tuned one the default classifier uses
-    train(ClassifierTrainConfig(data=data, out=tmp_path / "ops", model="embed", encoder="base", threshold=0.3,
-                      val_fraction=0.34), log=lambda *a: None)
+    # an operator's artifact, trained into the gateway's classifier folder (the only place it loads from), on the
+    # stock encoder (operators' --encoder base): not the fine-tuned one the default classifier uses
+    ops = classifier_dir() / f"ops-{tmp_path.name}"
+    train(ClassifierTrainConfig(data=ops_data, out=ops, model="embed", encoder="base", threshold=0.3,
+                                val_fraction=0.34), log=lambda *a: None)
     default_tasks = list(gw.server.classifier.current.tasks)
     with Client(gw.target, timeout=300) as c:
         with pytest.raises(grpc.RpcError) as e:
-            c.admin.ReloadClassifier(pb.ReloadClassifierRequest(path=str(tmp_path / "nope")), timeout=60)
-        assert e.value.code() in (grpc.StatusCode.NOT_FOUND, grpc.StatusCode.FAILED_PRECONDITION)
-        assert str(tmp_path / "nope") in e.value.details()
+            c.admin.ReloadClassifier(pb.ReloadClassifierRequest(path=str(classifier_dir() / "nope")), timeout=60)
+        assert e.value.code() == grpc.StatusCode.FAILED_PRECONDITION and "nope" in e.value.details()
         assert c.classify(CODE_PROMPT).task == "code"  # still the configured classifier
         try:
-            r = c.admin.ReloadClassifier(pb.ReloadClassifierRequest(path=str(tmp_path / "ops")), timeout=120)
+            r = c.admin.ReloadClassifier(pb.ReloadClassifierRequest(path=str(ops)), timeout=120)
             assert sorted(r.tasks) == ["other", "refund", "status"]
             assert gw.server.classifier.current._embedder is not None  # warmed before the swap
             assert c.classify("Where is my parcel right now?").task == "status"
@@ -150,6 +152,7 @@ def test_reload_classifier_swaps_warm_and_releases_the_old_encoder(routed_gatewa
             r = c.admin.ReloadClassifier(pb.ReloadClassifierRequest(), timeout=120)
         assert list(r.tasks) == default_tasks and c.classify(CODE_PROMPT).task == "code"
         assert {enc for _, enc in _SHARED} == {gw.server.classifier.current.embedder.encoder_id}
+    shutil.rmtree(ops)
 
 
 def test_kill_9_gateway_under_load_loses_no_acknowledged_record(vllm_server, tmp_path, poll, repo_root):
@@ -158,7 +161,7 @@ def test_kill_9_gateway_under_load_loses_no_acknowledged_record(vllm_server, tmp
 
     port = free_port()
     db = tmp_path / "crash.sqlite3"
-    env = dict(os.environ, SPECIALIST_ROUTER__LOGS__PATH=str(db))
+    env = dict(os.environ, SPECIALIST_ROUTER__LOGS__PATH=str(db), SPECIALIST_ROUTER__BACKEND__API_KEY=vllm_server.api_key)
     proc = subprocess.Popen([sys.executable, "-m", "cli", "serve", "--backend-url", vllm_server.url,
                              "--model", str(vllm_server.model_dir), "--port", str(port), "--no-classifier",
                              "--log-level", "WARNING"], cwd=repo_root, env=env, start_new_session=True,

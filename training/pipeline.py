@@ -14,6 +14,7 @@ from typing import Callable
 
 import basemodel
 from adapters.registry import Registry
+from adapters.validation import base_weight_shapes
 from core import paths
 from core.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
 from core.files import atomic_write_json
@@ -223,7 +224,8 @@ def _run(cfg, run_dir: Path, report: RunReport, echo, show_progress: bool, t_sta
                        "run_dir": str(run_dir)}
             v = registry.register(cfg.task, str(out.adapter_dir), base_model_id=_model_id(model_dir),
                                   base_fingerprint=fp, data_fingerprint=data_fp, metrics=metrics,
-                                  parent=production.version if production is not None else None)
+                                  parent=production.version if production is not None else None,
+                                  base_shapes=base_weight_shapes(model_dir))
             registry.set_alias(cfg.task, "candidate", v.version, reason=f"training run {run_dir.name}: gate passed")
             report.adapter, report.status = v.name, "promoted"
             echo(f"[gate] registered {v.name} as {cfg.task} candidate")
