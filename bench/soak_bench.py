@@ -42,9 +42,17 @@ def rss_mb(pid: int) -> float:
     return 0.0
 
 
-def children(pid: int) -> list[int]:
-    out = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True).stdout.split()
-    return [int(p) for p in out]
+def engine_groups(gateway_pid: int) -> list[int]:
+    """Process groups of the gateway's children that run in a group of their own: the managed vLLM."""
+    out = subprocess.run(["pgrep", "-P", str(gateway_pid)], capture_output=True, text=True).stdout.split()
+    groups = set()
+    for p in map(int, out):
+        try:
+            if os.getpgid(p) != os.getpgid(gateway_pid):
+                groups.add(os.getpgid(p))
+        except ProcessLookupError:
+            pass
+    return sorted(groups)
 
 
 def slope_per_10min(samples: list[tuple[float, float]]) -> float:
@@ -161,10 +169,9 @@ def main(argv: list[str] | None = None) -> int:
             while time.monotonic() < end:
                 now = time.monotonic()
                 if restart_window[0] is None and now >= kill_at:
-                    # the managed vLLM runs in its own process group (its engine workers with it)
-                    vllm = [p for p in children(gw.pid) if os.getpgid(p) != os.getpgid(gw.pid)]
-                    for p in vllm:
-                        os.killpg(p, signal.SIGKILL)
+                    vllm = engine_groups(gw.pid)  # the managed vLLM, its engine workers with it
+                    for g in vllm:
+                        os.killpg(g, signal.SIGKILL)
                     with lock:
                         restart_window[0] = time.monotonic()
                     print(f"[soak] killed the engine ({vllm}) at {now - t0:.0f} s", flush=True)

@@ -255,3 +255,16 @@ def test_tokens_must_be_long_and_their_file_private(tmp_path):
         load_tokens(AuthConfig(enabled=True, tokens_file=str(f)))
     f.chmod(0o600)
     assert [t.scopes for t in load_tokens(AuthConfig(enabled=True, tokens_file=str(f)))] == [frozenset({"admin"})]
+
+
+def test_the_sdk_retries_only_unavailable():
+    """Permanent errors (FAILED_PRECONDITION, INVALID_ARGUMENT, ...) are never retried: gRPC's retry policy in the
+    SDK's channel lists UNAVAILABLE alone; attempts=1 switches retries off."""
+    from router.client import RetryPolicy, channel_options
+
+    opts = dict(channel_options())
+    policy = json.loads(opts["grpc.service_config"])["methodConfig"][0]["retryPolicy"]
+    assert policy["retryableStatusCodes"] == ["UNAVAILABLE"] and policy["maxAttempts"] == 4
+    assert dict(channel_options(RetryPolicy(attempts=1)))["grpc.enable_retries"] == 0
+    with pytest.raises(ValueError, match="1..5"):
+        RetryPolicy(attempts=9).service_config()
