@@ -28,7 +28,9 @@ def _version() -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="specialist-router", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="specialist-router", description=(
+        "Serve per-task LoRA specialists on one base model, route every prompt to the right one, and build "
+        "better specialists from the traffic."))
     parser.add_argument("--version", action="version", version=f"specialist-router {_version()}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
