@@ -18,6 +18,7 @@ import contextlib
 import logging
 import time
 from collections import defaultdict
+from pathlib import Path
 
 from adapters.registry import Registry
 from adapters.validation import validate_names
@@ -87,7 +88,9 @@ class Deployer:
             if old == av.name:
                 return dict(task=task, version=av.version, adapter=av.name, previous_version=av.version, swap_ms=0.0)
             await self._validate(av)
-            newly_loaded = av.name not in self.table.loaded
+            have = self.table.loaded.get(av.name)
+            # loaded by this deploy (also when it replaced a same-named adapter from another folder)
+            newly_loaded = have is None or Path(have.path).resolve() != Path(av.path).resolve()
             await self.loader.load_registered(av.name, str(av.path), task=task, version=av.version)
             try:
                 await self._smoke(av.name)
