@@ -92,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
     env = dict(os.environ, SPECIALIST_ROUTER__REGISTRY=str(reg.root),
                SPECIALIST_ROUTER__LOGS__PATH=str(work / "logs.sqlite3"),
                SPECIALIST_ROUTER__BACKEND__MAX_LORAS="2", SPECIALIST_ROUTER__BACKEND__MAX_CPU_LORAS="4")
-    gw = subprocess.Popen([sys.executable, "-m", "cli", "serve", "--port", str(port), "--log-level", "WARNING"],
+    gw = subprocess.Popen([sys.executable, "-m", "cli", "serve", "--port", str(port), "--http-port", "0", "--log-level", "WARNING"],
                           env=env, start_new_session=True, stdout=subprocess.DEVNULL,
                           stderr=open(work / "gateway.log", "wb"))
     target = f"127.0.0.1:{port}"

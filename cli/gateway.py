@@ -6,9 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-import logging
 import signal
-import sys
 from pathlib import Path
 
 import basemodel
@@ -16,6 +14,7 @@ from cli.demo import run_demo
 from core import config
 from core.envs import GATEWAY_PREFIX
 from router import config as gateway_config
+from router import logfmt
 from router.config import GatewayConfig
 from router.server import build
 
@@ -29,9 +28,6 @@ def load_config(args) -> GatewayConfig:
     return gateway_config.load(args.config, config.overrides_from_args(args))
 
 
-def setup_logging(level: str = "INFO") -> None:
-    logging.basicConfig(level=getattr(logging, level.upper(), logging.INFO), stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
 
 async def _serve_until_signal(cfg, on_ready=None) -> None:
@@ -51,15 +47,16 @@ async def _serve_until_signal(cfg, on_ready=None) -> None:
 
 
 def serve_main(args) -> int:
-    setup_logging(args.log_level)
-    asyncio.run(_serve_until_signal(load_config(args)))
+    cfg = load_config(args)
+    logfmt.setup(args.log_level, cfg.log_format)
+    asyncio.run(_serve_until_signal(cfg))
     return 0
 
 
 def demo_main(args) -> int:
     """The main job end to end: start the embedded service, show real requests through the SDK, keep serving."""
-    setup_logging(args.log_level)
     cfg = load_config(args)
+    logfmt.setup(args.log_level, cfg.log_format)
 
     async def show(server) -> None:
         await run_demo(server, once=args.once)

@@ -22,6 +22,11 @@ def add_gateway_flags(p: argparse.ArgumentParser, *, timeout_s: float = 300.0) -
     p.add_argument("--token", default=None, help=f"bearer token (default: ${TOKEN_ENV})")
     p.add_argument("--timeout", type=float, default=timeout_s, help=f"seconds to wait for the gateway "
                                                                     f"(default {timeout_s:.0f})")
+    p.add_argument("--tls", action="store_true", help="connect over TLS with the system's root certificates")
+    p.add_argument("--ca-cert", default=None, help="PEM file of the CA that signed the gateway's certificate "
+                                                   "(implies --tls)")
+    p.add_argument("--client-cert", default=None, help="PEM client certificate, for a gateway that requires mutual TLS")
+    p.add_argument("--client-key", default=None, help="PEM key of --client-cert")
 
 
 def translate(exc: GatewayError, gateway: str) -> errors.RouterError:
@@ -42,10 +47,15 @@ def translate(exc: GatewayError, gateway: str) -> errors.RouterError:
 
 
 @contextlib.contextmanager
-def gateway_client(gateway: str, token: str | None = None, timeout: float | None = 300.0) -> Iterator[Client]:
+def gateway_client(gateway: str, token: str | None = None, timeout: float | None = 300.0, *, tls: bool = False,
+                   ca_cert: str | None = None, client_cert: str | None = None,
+                   client_key: str | None = None) -> Iterator[Client]:
     """An SDK client for `gateway`; a GatewayError inside the block leaves as a core.errors error."""
     tok = token if token is not None else envs.get("SPECIALIST_ROUTER_TOKEN")
-    with Client(gateway, token=tok, timeout=timeout) as client:
+    if (client_cert is None) != (client_key is None):
+        raise errors.InvalidArgument("mutual TLS needs both --client-cert and --client-key")
+    with Client(gateway, token=tok, timeout=timeout, tls=tls, root_certificates=ca_cert, client_cert=client_cert,
+                client_key=client_key) as client:
         try:
             yield client
         except GatewayError as exc:
@@ -53,4 +63,5 @@ def gateway_client(gateway: str, token: str | None = None, timeout: float | None
 
 
 def client_from(args) -> contextlib.AbstractContextManager[Client]:
-    return gateway_client(args.gateway, args.token, args.timeout)
+    return gateway_client(args.gateway, args.token, args.timeout, tls=args.tls, ca_cert=args.ca_cert,
+                          client_cert=args.client_cert, client_key=args.client_key)

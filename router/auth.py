@@ -1,4 +1,4 @@
-"""Bearer-token auth for the gateway: `authorization: Bearer <token>` metadata, two scopes.
+"""Bearer-token auth for the gateway (gRPC metadata and HTTP header `authorization: Bearer <token>`), two scopes.
 
 `generate` allows RouterService; `admin` allows AdminService (and implies nothing else). Health and
 reflection are open. Wrong or missing token -> UNAUTHENTICATED; right token, wrong scope -> PERMISSION_DENIED.
@@ -12,7 +12,7 @@ from pathlib import Path
 import grpc
 import yaml
 
-from core.errors import ConfigError
+from core.errors import ConfigError, PermissionDenied, Unauthenticated
 from router.config import AuthConfig
 
 SCOPES = ("generate", "admin")
@@ -83,16 +83,34 @@ def _aborting_handler(handler, code: grpc.StatusCode, message: str):
     return grpc.stream_stream_rpc_method_handler(stream, **kw)
 
 
-class AuthInterceptor(grpc.aio.ServerInterceptor):
+class Authenticator:
+    """Checks an `authorization` header value against the tokens, for one scope; shared by gRPC and HTTP."""
+
     def __init__(self, tokens: list[Token]):
         self.tokens = tokens
 
     def _find(self, presented: str) -> Token | None:
         found = None
-        for t in self.tokens:
+        for t in self.tokens:  # every token compared, in constant time: no early exit to time
             if hmac.compare_digest(t.token.encode(), presented.encode()):
                 found = t
         return found
+
+    def check(self, authorization: str, scope: str, what: str) -> Token:
+        """The token, or Unauthenticated / PermissionDenied with what to fix."""
+        if not authorization.lower().startswith("bearer ") or not authorization[7:].strip():
+            raise Unauthenticated("missing bearer token: send the header 'authorization: Bearer <token>'")
+        tok = self._find(authorization[7:].strip())
+        if tok is None:
+            raise Unauthenticated("unknown bearer token: check the token")
+        if scope not in tok.scopes:
+            raise PermissionDenied(f"token {tok.name!r} lacks the {scope!r} scope needed for {what}")
+        return tok
+
+
+class AuthInterceptor(grpc.aio.ServerInterceptor):
+    def __init__(self, auth: Authenticator):
+        self.auth = auth
 
     async def intercept_service(self, continuation, details):
         scope = required_scope(details.method)
@@ -100,14 +118,8 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
         if scope is None or handler is None:
             return handler
         md = dict(details.invocation_metadata or ())
-        value = md.get("authorization", "")
-        if not value.lower().startswith("bearer ") or not value[7:].strip():
-            return _aborting_handler(handler, grpc.StatusCode.UNAUTHENTICATED,
-                                     "missing bearer token: send metadata 'authorization: Bearer <token>'")
-        tok = self._find(value[7:].strip())
-        if tok is None:
-            return _aborting_handler(handler, grpc.StatusCode.UNAUTHENTICATED, "unknown bearer token: check the token")
-        if scope not in tok.scopes:
-            return _aborting_handler(handler, grpc.StatusCode.PERMISSION_DENIED,
-                                     f"token {tok.name!r} lacks the {scope!r} scope needed for {details.method}")
+        try:
+            self.auth.check(md.get("authorization", ""), scope, details.method)
+        except (Unauthenticated, PermissionDenied) as exc:
+            return _aborting_handler(handler, exc.code, str(exc))
         return handler

@@ -14,8 +14,10 @@ Deadlines: `timeout=` seconds per call, retries included (DEADLINE_EXCEEDED when
 in the backend). Retries: gRPC's own retry policy (the channel's service config), only on UNAVAILABLE, with
 exponential backoff and jitter; a stream is never retried once its first message arrived (no duplicated partial
 answer). Errors raise `GatewayError` with the gRPC code and the server's message. Auth: `token=` (or env
-SPECIALIST_ROUTER_TOKEN) sent as `authorization: Bearer`. Pass `channel=` to use a channel you built (TLS, a
-load balancer, interceptors).
+SPECIALIST_ROUTER_TOKEN) sent as `authorization: Bearer`. TLS: `tls=True` (system roots) or
+`root_certificates=` (the gateway's CA, PEM bytes or a path); mutual TLS adds `client_cert=` and `client_key=`;
+`server_name=` when the certificate names another host than `target`. Or pass `channel=`, a channel you built
+(a load balancer, interceptors, your own credentials).
 
 This module imports only grpc, protobuf and the generated stubs: an application needs nothing else to call
 the gateway.
@@ -117,6 +119,34 @@ def channel_options(retry: RetryPolicy | None = None) -> list[tuple]:
             ("grpc.service_config", retry.service_config())]
 
 
+def _pem(value: bytes | str | os.PathLike | None) -> bytes | None:
+    """PEM bytes as given, or read from a file path."""
+    if value is None or isinstance(value, bytes):
+        return value
+    with open(value, "rb") as f:
+        return f.read()
+
+
+def tls_credentials(root_certificates=None, client_cert=None, client_key=None) -> grpc.ChannelCredentials:
+    """Channel credentials for a gateway that serves TLS. `root_certificates`: the CA that signed the gateway's
+    certificate (PEM bytes or a file path; None: the system's roots). `client_cert` + `client_key`: this client's
+    certificate for a gateway that requires mutual TLS."""
+    if (client_cert is None) != (client_key is None):
+        raise ValueError("mutual TLS needs both client_cert and client_key")
+    return grpc.ssl_channel_credentials(_pem(root_certificates), _pem(client_key), _pem(client_cert))
+
+
+def _channel(aio: bool, target: str, retry: RetryPolicy | None, tls: bool, root_certificates, client_cert,
+             client_key, server_name: str | None):
+    mod = grpc.aio if aio else grpc
+    options = channel_options(retry)
+    if server_name:
+        options.append(("grpc.ssl_target_name_override", server_name))
+    if tls or root_certificates is not None or client_cert is not None:
+        return mod.secure_channel(target, tls_credentials(root_certificates, client_cert, client_key), options=options)
+    return mod.insecure_channel(target, options=options)
+
+
 class _Base:
     """What the sync and async clients share: requests in, typed results out."""
 
@@ -170,8 +200,11 @@ class Client(_Base):
     """Blocking client. Thread-safe; reuse one per process."""
 
     def __init__(self, target: str = "127.0.0.1:50051", *, token: str | None = None, timeout: float | None = 120.0,
-                 retry: RetryPolicy | None = None, channel: grpc.Channel | None = None):
-        self._setup(channel or grpc.insecure_channel(target, options=channel_options(retry)), token, timeout)
+                 retry: RetryPolicy | None = None, channel: grpc.Channel | None = None, tls: bool = False,
+                 root_certificates: bytes | str | None = None, client_cert: bytes | str | None = None,
+                 client_key: bytes | str | None = None, server_name: str | None = None):
+        self._setup(channel or _channel(False, target, retry, tls, root_certificates, client_cert, client_key,
+                                        server_name), token, timeout)
 
     def __enter__(self) -> "Client":
         return self
@@ -237,8 +270,11 @@ class AsyncClient(_Base):
     """asyncio client (grpc.aio), the same methods as `Client`, awaited."""
 
     def __init__(self, target: str = "127.0.0.1:50051", *, token: str | None = None, timeout: float | None = 120.0,
-                 retry: RetryPolicy | None = None, channel: grpc.aio.Channel | None = None):
-        self._setup(channel or grpc.aio.insecure_channel(target, options=channel_options(retry)), token, timeout)
+                 retry: RetryPolicy | None = None, channel: grpc.aio.Channel | None = None, tls: bool = False,
+                 root_certificates: bytes | str | None = None, client_cert: bytes | str | None = None,
+                 client_key: bytes | str | None = None, server_name: str | None = None):
+        self._setup(channel or _channel(True, target, retry, tls, root_certificates, client_cert, client_key,
+                                        server_name), token, timeout)
 
     async def __aenter__(self) -> "AsyncClient":
         return self

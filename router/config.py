@@ -117,6 +117,39 @@ class DeployConfig:
 
 
 @dataclass
+class HttpConfig:
+    """The HTTP port: the OpenAI-compatible API, Prometheus `/metrics` and `/health`, in the gateway process."""
+
+    enabled: bool = _s(True, "Serve HTTP: /v1/chat/completions, /v1/models, /v1/feedback, /metrics, /health.",
+                       flag="--http")
+    host: str = _s("", "Address the HTTP server listens on; empty: the gateway's `host`.")
+    port: int = _s(8080, "HTTP port; 0 picks a free one.", flag="--http-port")
+
+
+@dataclass
+class MetricsConfig:
+    """Prometheus metrics, served on the HTTP port's /metrics."""
+
+    enabled: bool = _s(True, "Record request, backend, adapter and log-writer metrics (served when http.enabled).",
+                       flag="--metrics")
+
+
+@dataclass
+class TlsConfig:
+    """TLS for both APIs (gRPC and HTTP). Both files set: TLS on; `client_ca_file` too: mutual TLS."""
+
+    cert_file: str = _s("", "PEM server certificate (chain). With key_file it turns TLS on for gRPC and HTTP.",
+                        flag="--tls-cert")
+    key_file: str = _s("", "PEM private key of cert_file (keep it chmod 600).", flag="--tls-key")
+    client_ca_file: str = _s("", "PEM CA bundle: require and verify client certificates (mutual TLS).",
+                             flag="--tls-client-ca")
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.cert_file and self.key_file)
+
+
+@dataclass
 class GatewayConfig:
     """The gateway process."""
 
@@ -137,6 +170,11 @@ class GatewayConfig:
     classifier: ClassifierConfig = section(ClassifierConfig)
     limits: LimitsConfig = section(LimitsConfig)
     deploy: DeployConfig = section(DeployConfig)
+    http: HttpConfig = section(HttpConfig)
+    metrics: MetricsConfig = section(MetricsConfig)
+    tls: TlsConfig = section(TlsConfig)
+    log_format: str = _s("text", "Gateway log lines: text, or json (one object per line, with the request id).",
+                         flag="--log-format", choices=("text", "json"))
 
     def validate(self) -> "GatewayConfig":
         b = self.backend
@@ -160,6 +198,18 @@ class GatewayConfig:
         for name in ("drain_timeout_s", "registry_poll_s", "smoke_timeout_s"):
             if getattr(self.deploy, name) <= 0:
                 raise ConfigError(f"deploy.{name} must be > 0, got {getattr(self.deploy, name)}")
+        t = self.tls
+        if bool(t.cert_file) != bool(t.key_file):
+            raise ConfigError("TLS needs both tls.cert_file and tls.key_file (--tls-cert, --tls-key)")
+        if t.client_ca_file and not t.enabled:
+            raise ConfigError("tls.client_ca_file (mutual TLS) needs tls.cert_file and tls.key_file as well")
+        for key in ("cert_file", "key_file", "client_ca_file"):
+            f = getattr(t, key)
+            if f and not Path(f).expanduser().is_file():
+                raise ConfigError(f"tls.{key} {f} does not exist or is not a file")
+        if self.http.enabled and self.http.port == self.port and self.port != 0 and \
+                (self.http.host or self.host) == self.host:
+            raise ConfigError(f"http.port and port are both {self.port}: give the HTTP API its own port (--http-port)")
         if b.health_interval_s <= 0:
             raise ConfigError(f"backend.health_interval_s must be > 0, got {b.health_interval_s}")
         return self

@@ -25,6 +25,7 @@ from adapters.validation import validate_names
 from core.errors import FailedPrecondition, NotFound, RouterError
 from router.config import DeployConfig
 from router.lora import AdapterLoader, AdapterPolicy
+from router.metrics import NO_METRICS
 
 log = logging.getLogger("router.deploy")
 
@@ -42,6 +43,17 @@ class Deployer:
         self._locks: dict[str, asyncio.Lock] = defaultdict(asyncio.Lock)
         self._poll_task: asyncio.Task | None = None
         self._generation = -1
+        self.metrics = NO_METRICS
+
+    @contextlib.contextmanager
+    def _observed(self, action: str, task: str):
+        """Duration and result of one operation, for `specialist_router_deploy_duration_seconds`."""
+        t0, result = time.perf_counter(), "error"
+        try:
+            yield
+            result = "ok"
+        finally:
+            self.metrics.deploy_done(action, task, result, time.perf_counter() - t0)
 
     # -------------------------------------------------------------------------- helpers
     async def _io(self, fn, *args, **kw):
@@ -75,43 +87,47 @@ class Deployer:
     async def deploy(self, task: str, version: str | None = None, *, reason: str = "deploy") -> dict:
         validate_names(task, version)
         async with self._locks[task]:
-            t0 = time.perf_counter()
-            if version:
-                av = await self._io(self.registry.get, task, version)
-            else:
-                av = await self._io(self.registry.candidate, task)
-                if av is None:
-                    raise FailedPrecondition(f"task {task!r} has no candidate version: pass a version, or promote one "
-                                             f"with `specialist-router adapters promote {task} VERSION --alias candidate`")
-            old = self.table.routes.get(task, "")
-            prev = self.table.loaded.get(old)
-            if old == av.name:
-                return dict(task=task, version=av.version, adapter=av.name, previous_version=av.version, swap_ms=0.0)
-            await self._validate(av)
-            have = self.table.loaded.get(av.name)
-            # loaded by this deploy (also when it replaced a same-named adapter from another folder)
-            newly_loaded = have is None or Path(have.path).resolve() != Path(av.path).resolve()
-            await self.loader.load_registered(av.name, str(av.path), task=task, version=av.version)
+            with self._observed(reason, task):
+                return await self._deploy_locked(task, version, reason)
+
+    async def _deploy_locked(self, task: str, version: str | None, reason: str) -> dict:
+        t0 = time.perf_counter()
+        if version:
+            av = await self._io(self.registry.get, task, version)
+        else:
+            av = await self._io(self.registry.candidate, task)
+            if av is None:
+                raise FailedPrecondition(f"task {task!r} has no candidate version: pass a version, or promote one "
+                                         f"with `specialist-router adapters promote {task} VERSION --alias candidate`")
+        old = self.table.routes.get(task, "")
+        prev = self.table.loaded.get(old)
+        if old == av.name:
+            return dict(task=task, version=av.version, adapter=av.name, previous_version=av.version, swap_ms=0.0)
+        await self._validate(av)
+        have = self.table.loaded.get(av.name)
+        # loaded by this deploy (also when it replaced a same-named adapter from another folder)
+        newly_loaded = have is None or Path(have.path).resolve() != Path(av.path).resolve()
+        await self.loader.load_registered(av.name, str(av.path), task=task, version=av.version)
+        try:
+            await self._smoke(av.name)
+            self.table.set_route(task, av.name)  # the switch: new requests go to the new version
             try:
-                await self._smoke(av.name)
-                self.table.set_route(task, av.name)  # the switch: new requests go to the new version
-                try:
-                    await self._io(self.registry.set_alias, task, "production", av.version, reason=reason)
-                except Exception:
-                    self.table.set_route(task, old or None)
-                    raise
-            except BaseException:
-                if newly_loaded:
-                    with contextlib.suppress(Exception):
-                        await self.loader.unload(av.name)
+                await self._io(self.registry.set_alias, task, "production", av.version, reason=reason)
+            except Exception:
+                self.table.set_route(task, old or None)
                 raise
-            swap_ms = (time.perf_counter() - t0) * 1000
-            self._generation = await self._io(self.registry.generation)
-            if old:
-                self._drain_then_unload(old)
-            log.info("deployed %s (was %s) in %.0f ms", av.name, old or "base", swap_ms)
-            return dict(task=task, version=av.version, adapter=av.name,
-                        previous_version=prev.version if prev else "", swap_ms=swap_ms)
+        except BaseException:
+            if newly_loaded:
+                with contextlib.suppress(Exception):
+                    await self.loader.unload(av.name)
+            raise
+        swap_ms = (time.perf_counter() - t0) * 1000
+        self._generation = await self._io(self.registry.generation)
+        if old:
+            self._drain_then_unload(old)
+        log.info("deployed %s (was %s) in %.0f ms", av.name, old or "base", swap_ms)
+        return dict(task=task, version=av.version, adapter=av.name,
+                    previous_version=prev.version if prev else "", swap_ms=swap_ms)
 
     async def rollback(self, task: str) -> dict:
         validate_names(task, None)
@@ -124,17 +140,21 @@ class Deployer:
     async def retire(self, task: str) -> dict:
         validate_names(task, None)
         async with self._locks[task]:
-            old = self.table.routes.get(task, "")
-            prod = await self._io(self.registry.production, task)
-            if not old and prod is None:
-                raise NotFound(f"task {task!r} has no deployed specialist to retire")
-            self.table.set_route(task, None)
-            if prod is not None:
-                await self._io(self.registry.set_alias, task, "production", None, reason="retire")
-            self._generation = await self._io(self.registry.generation)
-            if old:
-                self._drain_then_unload(old)
-            return dict(task=task, previous_version=prod.version if prod else "")
+            with self._observed("retire", task):
+                return await self._retire_locked(task)
+
+    async def _retire_locked(self, task: str) -> dict:
+        old = self.table.routes.get(task, "")
+        prod = await self._io(self.registry.production, task)
+        if not old and prod is None:
+            raise NotFound(f"task {task!r} has no deployed specialist to retire")
+        self.table.set_route(task, None)
+        if prod is not None:
+            await self._io(self.registry.set_alias, task, "production", None, reason="retire")
+        self._generation = await self._io(self.registry.generation)
+        if old:
+            self._drain_then_unload(old)
+        return dict(task=task, previous_version=prod.version if prod else "")
 
     async def restore(self) -> None:
         """Load and route every task's production adapter (gateway start)."""

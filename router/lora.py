@@ -19,6 +19,7 @@ from basemodel import fingerprint
 from core.errors import FailedPrecondition, InvalidArgument, NotFound, RouterError, quoted
 from core.files import is_inside
 from router.backend import VLLMBackend
+from router.metrics import NO_METRICS
 from router.routing import LoadedAdapter, RoutingTable
 
 log = logging.getLogger("router.gateway")
@@ -67,6 +68,7 @@ class AdapterLoader:
         self.backend = backend
         self.table = table
         self._lock = asyncio.Lock()
+        self.metrics = NO_METRICS
 
     async def load(self, name: str, path: str, *, task: str = "", version: str = "") -> LoadedAdapter:
         """Load `path` into the backend as `name` (a no-op when that name is loaded already)."""
@@ -90,7 +92,12 @@ class AdapterLoader:
             except FailedPrecondition as exc:
                 # another gateway replica sharing this backend loaded the same versioned name: same adapter
                 if "already" not in str(exc):
+                    self.metrics.adapter_loaded("error")
                     raise
+            except RouterError:
+                self.metrics.adapter_loaded("error")
+                raise
+            self.metrics.adapter_loaded("ok")
             a = LoadedAdapter(name=name, path=resolved, task=task, version=version)
             self.table.loaded = {**self.table.loaded, name: a}
             return a
@@ -112,7 +119,12 @@ class AdapterLoader:
             if name in self.table.routes.values():
                 tasks = [t for t, a in self.table.routes.items() if a == name]
                 raise FailedPrecondition(f"adapter {name!r} is routed for task(s) {tasks}: retire or redeploy first")
-            await self.backend.unload_lora(name)
+            try:
+                await self.backend.unload_lora(name)
+            except RouterError:
+                self.metrics.adapter_unloaded("error")
+                raise
+            self.metrics.adapter_unloaded("ok")
             loaded = dict(self.table.loaded)
             loaded.pop(name, None)
             self.table.loaded = loaded
@@ -122,7 +134,9 @@ class AdapterLoader:
         for a in list(self.table.loaded.values()):
             try:
                 await self.backend.load_lora(a.name, a.path)
+                self.metrics.adapter_loaded("ok")
             except RouterError as exc:
+                self.metrics.adapter_loaded("error")
                 log.error("could not reload adapter %s after backend restart: %s", a.name, exc)
         log.info("re-loaded %d adapter(s) into the restarted backend", len(self.table.loaded))
 

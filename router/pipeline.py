@@ -22,6 +22,7 @@ from router.classify import TaskClassifier
 from router.config import GatewayConfig
 from router.grpc_errors import REQUEST_ID
 from router.health import Health
+from router.metrics import NO_METRICS
 from router.request_checks import check_request
 from router.routing import Decision, RoutingTable, decide, explicit_adapter
 
@@ -77,8 +78,9 @@ Event = Started | Chunk | Finished
 class LogSink:
     """Writes log records; a failure is counted and loud, never the client's problem."""
 
-    def __init__(self, writer=None):
+    def __init__(self, writer=None, metrics=NO_METRICS):
         self.writer = writer
+        self.metrics = metrics
         self.failures = 0
         self._bg: set[asyncio.Task] = set()
 
@@ -97,11 +99,15 @@ class LogSink:
     async def write(self, rec: LogRecord) -> None:
         if self.writer is None:
             return
+        t0 = time.perf_counter()
         try:
             await self.writer.write(rec)
         except Exception as exc:  # noqa: BLE001 - the client still gets its answer; health and the log say it
             self.failures += 1
+            self.metrics.log_write(time.perf_counter() - t0, False)
             log.error("log write failed for request %s: %s", rec.request_id, exc)
+        else:
+            self.metrics.log_write(time.perf_counter() - t0, True)
 
     def write_later(self, rec: LogRecord) -> None:
         """For a request whose RPC is already over: written in the background, flushed by `close()`."""
@@ -121,7 +127,7 @@ class LogSink:
 
 class Pipeline:
     def __init__(self, cfg: GatewayConfig, backend: VLLMBackend, table: RoutingTable, classifier: TaskClassifier,
-                 logs: LogSink, health: Health, *, served_model: str, managed=None):
+                 logs: LogSink, health: Health, *, served_model: str, managed=None, metrics=NO_METRICS):
         self.cfg = cfg
         self.backend = backend
         self.table = table
@@ -130,6 +136,7 @@ class Pipeline:
         self.health = health
         self.served_model = served_model
         self.managed = managed
+        self.metrics = metrics
         self.in_flight = 0
 
     async def route(self, req, messages: list[dict]) -> tuple[Decision, float]:
@@ -147,12 +154,20 @@ class Pipeline:
                    threshold=self.classifier.threshold())
         return d, now_ms() - t0
 
+    def _record(self, api: str, rec: LogRecord, code: str, total_ms: float) -> None:
+        self.metrics.request_finished(
+            api, task=rec.task, adapter=rec.adapter, reason=rec.route_reason, status=code,
+            classify_s=rec.classify_ms / 1000, ttft_s=rec.ttft_ms / 1000, total_s=total_ms / 1000,
+            prompt_tokens=rec.prompt_tokens, completion_tokens=rec.completion_tokens)
+
     def _backend_down(self) -> bool:
         m = self.managed
         return m is not None and (m.restarting or not m.alive())
 
-    async def run(self, req, *, stream: bool, time_remaining: float | None, request_id: str = "") -> AsyncIterator[Event]:
-        """One request end to end. `time_remaining`: the caller's deadline in seconds (None: none)."""
+    async def run(self, req, *, stream: bool, time_remaining: float | None, request_id: str = "",
+                  api: str = "grpc") -> AsyncIterator[Event]:
+        """One request end to end. `time_remaining`: the caller's deadline in seconds (None: none); `api`: the front
+        door (grpc | http), a metrics label."""
         t0 = now_ms()
         rid = request_id or new_request_id()
         REQUEST_ID.set(rid)
@@ -161,8 +176,9 @@ class Pipeline:
         text: list[str] = []
         reasoning: list[str] = []
         acquired = ""
-        status, error = "ok", ""
+        status, error, code = "ok", "", "OK"
         self.in_flight += 1
+        self.metrics.request_started(api)
         try:
             if self.health.draining:
                 raise Unavailable("the gateway is shutting down: retry on another replica")
@@ -196,9 +212,13 @@ class Pipeline:
                     rec.total_ms = now_ms() - t0
                     rec.response_text, rec.reasoning_text = "".join(text), "".join(reasoning)
                     await self.logs.write(rec)  # durable before the final message is sent
-                    yield Finished(rid, decision, rec.response_text, rec.reasoning_text, ev.finish_reason,
-                                   ev.prompt_tokens, ev.completion_tokens,
-                                   Timings(rec.classify_ms, rec.ttft_ms, rec.backend_ms, rec.total_ms))
+                    self._record(api, rec, code, rec.total_ms)  # counted before the client can see the answer
+                    try:
+                        yield Finished(rid, decision, rec.response_text, rec.reasoning_text, ev.finish_reason,
+                                       ev.prompt_tokens, ev.completion_tokens,
+                                       Timings(rec.classify_ms, rec.ttft_ms, rec.backend_ms, rec.total_ms))
+                    except GeneratorExit:
+                        pass  # answered and logged: a consumer that closes us now cancels nothing
                     return
                 if not rec.ttft_ms:
                     rec.ttft_ms = now_ms() - t0
@@ -209,19 +229,21 @@ class Pipeline:
         except DeadlineExceeded as exc:
             # the backend's own timer (deadline + 1 s) fired before gRPC cancelled the handler, which happens on a
             # loaded machine: the same event as a cancelled deadline, so it is logged the same way
-            status, error = "cancelled", f"{exc.code.name}: {exc}"
+            status, error, code = "cancelled", f"{exc.code.name}: {exc}", exc.code.name
             raise
         except RouterError as exc:
-            status, error = "error", f"{exc.code.name}: {exc}"
+            status, error, code = "error", f"{exc.code.name}: {exc}", exc.code.name
             raise
         except (asyncio.CancelledError, GeneratorExit):
-            status, error = "cancelled", "client cancelled or deadline exceeded"
+            status, error, code = "cancelled", "client cancelled or deadline exceeded", "CANCELLED"
             raise
         except Exception as exc:  # a bug: grpc_errors logs it with the request id and answers INTERNAL
-            status, error = "error", f"INTERNAL: {type(exc).__name__}: {exc}"
+            status, error, code = "error", f"INTERNAL: {type(exc).__name__}: {exc}", "INTERNAL"
             raise
         finally:
             self.in_flight -= 1
+            if code != "OK":
+                self._record(api, rec, code, now_ms() - t0)
             if acquired:
                 self.table.release(acquired)
             if status != "ok":

@@ -25,15 +25,17 @@ from core import paths
 from core.errors import FailedPrecondition, RouterError, Unavailable
 from router import health as health_mod
 from router.admin import AdminServicer
-from router.auth import AuthInterceptor, load_tokens
+from router.auth import Authenticator, AuthInterceptor, load_tokens
 from router.backend import VLLMBackend
 from router.classify import TaskClassifier
 from router.config import GatewayConfig
 from router.deploy import Deployer
 from router.grpc_errors import add_servicer
 from router.health import SERVICES, Health
+from router.http_api import HttpApi, HttpServer
 from router.lora import AdapterLoader, AdapterPolicy
 from router.managed import ManagedVLLM
+from router.metrics import NO_METRICS, GatewayMetrics, Parts
 from router.pipeline import LogSink, Pipeline
 from router.routing import LoadedAdapter, RoutingTable
 from router.service import RouterServicer
@@ -47,7 +49,7 @@ class Server:
 
     def __init__(self, cfg: GatewayConfig, grpc_server, port: int, *, pipeline: Pipeline, loader: AdapterLoader,
                  deployer: Deployer, classifier: TaskClassifier, health: Health, managed, tasks: list[asyncio.Task],
-                 model_dir: str | None):
+                 model_dir: str | None, http: HttpServer | None, metrics):
         self.cfg = cfg
         self.grpc = grpc_server
         self.port = port
@@ -61,6 +63,8 @@ class Server:
         self.managed = managed
         self.model_dir = model_dir  # the served base model's local folder (None: not on this host)
         self._tasks = tasks
+        self.http = http  # the OpenAI-compatible HTTP door (None: http.enabled=false); `.url`, `.port`
+        self.metrics = metrics
 
     @property
     def target(self) -> str:
@@ -68,7 +72,10 @@ class Server:
 
     async def stop(self, grace_s: float | None = None) -> None:
         await self.health.drain()
-        await self.grpc.stop(self.cfg.grace_s if grace_s is None else grace_s)
+        grace = self.cfg.grace_s if grace_s is None else grace_s
+        if self.http is not None:
+            self.http.server.config.timeout_graceful_shutdown = grace
+        await asyncio.gather(self.grpc.stop(grace), *([self.http.stop()] if self.http is not None else []))
         for t in self._tasks:
             t.cancel()
         await self.deployer.stop()
@@ -126,8 +133,12 @@ async def build(cfg: GatewayConfig, *, progress=print) -> Server:
     """Start everything (managed vLLM or external, classifier, logs, registry) and the gRPC server."""
     interceptors = []
     tokens = load_tokens(cfg.auth)
-    if cfg.auth.enabled:
-        interceptors.append(AuthInterceptor(tokens))
+    auth = Authenticator(tokens) if cfg.auth.enabled else None
+    if auth is not None:
+        interceptors.append(AuthInterceptor(auth))
+        if not cfg.tls.enabled:
+            log.warning("auth is on without TLS: bearer tokens cross the network in plaintext. Set tls.cert_file and "
+                        "tls.key_file (--tls-cert/--tls-key) for anything beyond loopback.")
     else:
         log.warning("AUTH IS OFF (auth.enabled=false): anyone who can reach %s:%s can generate and administer "
                     "adapters. Enable it for anything but local use.", cfg.host, cfg.port)
@@ -144,9 +155,13 @@ async def build(cfg: GatewayConfig, *, progress=print) -> Server:
     policy = AdapterPolicy([registry.root, paths.local_adapters_dir(), *(Path(r) for r in cfg.adapter_roots)],
                            model_dir=model_dir, served_model=served, max_lora_rank=cfg.backend.max_lora_rank)
     health_ = Health()
-    logs = LogSink(writer)
-    pipeline = Pipeline(cfg, backend, table, task_classifier, logs, health_, served_model=served, managed=managed)
+    metrics = GatewayMetrics(Parts(backend=backend, writer=writer, managed=managed, health=health_, table=table)) \
+        if cfg.metrics.enabled else NO_METRICS
+    logs = LogSink(writer, metrics)
+    pipeline = Pipeline(cfg, backend, table, task_classifier, logs, health_, served_model=served, managed=managed,
+                        metrics=metrics)
     deployer = Deployer(registry, loader, policy, cfg.deploy)
+    loader.metrics = deployer.metrics = metrics
     await deployer.restore()
 
     server = grpc.aio.server(interceptors=interceptors, options=[
@@ -156,11 +171,20 @@ async def build(cfg: GatewayConfig, *, progress=print) -> Server:
     health_pb2_grpc.add_HealthServicer_to_server(health_.servicer, server)
     names = [pb.DESCRIPTOR.services_by_name[s.split(".")[-1]].full_name for s in SERVICES]
     reflection.enable_server_reflection([*names, health.SERVICE_NAME, reflection.SERVICE_NAME], server)
-    port = server.add_insecure_port(f"{cfg.host}:{cfg.port}")
+    creds = _grpc_credentials(cfg)
+    addr = f"{cfg.host}:{cfg.port}"
+    port = server.add_secure_port(addr, creds) if creds is not None else server.add_insecure_port(addr)
     if port == 0:
         raise FailedPrecondition(f"cannot listen on {cfg.host}:{cfg.port}: the port is in use; pick another with --port")
+    http = None
+    if cfg.http.enabled:
+        api = HttpApi(pipeline, writer=writer, auth=auth, metrics=metrics, health=health_,
+                      max_body_bytes=cfg.limits.receive_bytes())
+        http = HttpServer(api.app, cfg.http.host or cfg.host, cfg.http.port, tls=cfg.tls, grace_s=cfg.grace_s)
     await health_.set_backend(await backend.health())
     await server.start()
+    if http is not None:
+        await http.start()
     tasks = [asyncio.create_task(health_mod.watch(health_, backend, managed, logs, cfg.backend.health_interval_s),
                                  name="backend-monitor"),
              deployer.start_polling()]
@@ -173,6 +197,20 @@ async def build(cfg: GatewayConfig, *, progress=print) -> Server:
             await health_.set_backend(False)
 
         tasks.append(managed.watch(on_restart=on_restart, on_down=on_down))
-    progress(f"[gateway] serving router.v1 on {cfg.host}:{port} (backend {backend.url}, model {served})")
+    tls = " over TLS" + (" (mutual)" if cfg.tls.client_ca_file else "") if creds is not None else ""
+    progress(f"[gateway] serving router.v1 on {cfg.host}:{port}{tls} (backend {backend.url}, model {served})")
+    if http is not None:
+        progress(f"[gateway] OpenAI-compatible API on {http.url}/v1" + (", metrics on /metrics" if metrics.enabled
+                                                                        else ""))
     return Server(cfg, server, port, pipeline=pipeline, loader=loader, deployer=deployer, classifier=task_classifier,
-                  health=health_, managed=managed, tasks=tasks, model_dir=model_dir)
+                  health=health_, managed=managed, tasks=tasks, model_dir=model_dir, http=http, metrics=metrics)
+
+
+def _grpc_credentials(cfg: GatewayConfig):
+    """Server credentials when TLS is configured (client certificates required when a client CA is set)."""
+    t = cfg.tls
+    if not t.enabled:
+        return None
+    key, cert = Path(t.key_file).expanduser().read_bytes(), Path(t.cert_file).expanduser().read_bytes()
+    ca = Path(t.client_ca_file).expanduser().read_bytes() if t.client_ca_file else None
+    return grpc.ssl_server_credentials([(key, cert)], root_certificates=ca, require_client_auth=ca is not None)

@@ -95,17 +95,21 @@ class RouterServicer(pbg.RouterServiceServicer):
 
     @maps_errors
     async def SubmitFeedback(self, request, context):
-        limits = self.pipeline.cfg.limits
-        if not request.request_id:
-            raise InvalidArgument("request_id is empty: pass the request_id returned by Generate")
-        check_name("request_id", request.request_id, limits)
-        check_text("correction", request.correction, limits.max_feedback_chars, "max_feedback_chars")
-        check_text("comment", request.comment, limits.max_comment_chars, "max_comment_chars")
-        if not 1 <= request.rating <= 5:
-            raise InvalidArgument(f"rating is {request.rating}: use 1 (bad) to 5 (excellent)")
-        if self.log_writer is None:
-            raise FailedPrecondition("logging is disabled on this gateway (logs.enabled=false): feedback has nowhere "
-                                     "to go")
-        fb, created = await self.log_writer.add_feedback(request.request_id, request.rating, request.correction,
-                                                         request.comment)
+        fb, created = await submit_feedback(self.pipeline, self.log_writer, request)
         return pb.SubmitFeedbackResponse(feedback_id=fb.feedback_id, created=created)
+
+
+async def submit_feedback(pipeline: Pipeline, log_writer, request: pb.SubmitFeedbackRequest):
+    """(Feedback, created) for a checked feedback request: shared by gRPC and HTTP."""
+    limits = pipeline.cfg.limits
+    if not request.request_id:
+        raise InvalidArgument("request_id is empty: pass the request_id returned by Generate")
+    check_name("request_id", request.request_id, limits)
+    check_text("correction", request.correction, limits.max_feedback_chars, "max_feedback_chars")
+    check_text("comment", request.comment, limits.max_comment_chars, "max_comment_chars")
+    if not 1 <= request.rating <= 5:
+        raise InvalidArgument(f"rating is {request.rating}: use 1 (bad) to 5 (excellent)")
+    if log_writer is None:
+        raise FailedPrecondition("logging is disabled on this gateway (logs.enabled=false): feedback has nowhere "
+                                 "to go")
+    return await log_writer.add_feedback(request.request_id, request.rating, request.correction, request.comment)

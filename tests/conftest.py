@@ -142,6 +142,11 @@ class GatewayHandle:
     def target(self) -> str:
         return self.server.target
 
+    @property
+    def http_url(self) -> str:
+        """The OpenAI-compatible door, e.g. http://127.0.0.1:PORT (append /v1 for the openai client)."""
+        return self.server.http.url
+
     def run(self, coro, timeout: float | None = 600):
         return self.loop.run(coro, timeout)
 
@@ -159,7 +164,7 @@ def gateway_factory(vllm_server, bg_loop, tmp_path_factory):
 
     def make(overrides: dict | None = None, *, external: bool = True) -> GatewayHandle:
         # adapters made by tests live under pytest's temp folder: the test gateways may load from it
-        o = {"port": 0, "classifier": {"enabled": False}, "logs": {"enabled": False},
+        o = {"port": 0, "http": {"port": 0}, "classifier": {"enabled": False}, "logs": {"enabled": False},
              "registry": str(tmp_path_factory.mktemp("registry")),
              "adapter_roots": [str(tmp_path_factory.getbasetemp())]}
         for k, v in (overrides or {}).items():

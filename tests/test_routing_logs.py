@@ -163,7 +163,7 @@ def test_kill_9_gateway_under_load_loses_no_acknowledged_record(vllm_server, tmp
     db = tmp_path / "crash.sqlite3"
     env = dict(os.environ, SPECIALIST_ROUTER__LOGS__PATH=str(db), SPECIALIST_ROUTER__BACKEND__API_KEY=vllm_server.api_key)
     proc = subprocess.Popen([sys.executable, "-m", "cli", "serve", "--backend-url", vllm_server.url,
-                             "--model", str(vllm_server.model_dir), "--port", str(port), "--no-classifier",
+                             "--model", str(vllm_server.model_dir), "--port", str(port), "--http-port", "0", "--no-classifier",
                              "--log-level", "WARNING"], cwd=repo_root, env=env, start_new_session=True,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     target = f"127.0.0.1:{port}"
