@@ -6,13 +6,19 @@ Layout on disk (the contract; other processes read it directly):
     <root>/.lock                      flock for GENERATION
     <root>/<task>/.lock               flock: register and alias moves of one task serialize
     <root>/<task>/aliases.json        {"production": "2", "candidate": "3"}
-    <root>/<task>/history.jsonl       one JSON line per alias move (time, alias, from, to, actor, reason)
+    <root>/<task>/canary.json         the live canary, if any: {"version", "share", "production", "started_at",
+                                      "reason"}; every gateway replica reads it and applies the same split
+    <root>/<task>/history.jsonl       one JSON line per alias move (time, alias, from, to, actor, reason) and per
+                                      canary start/end (alias "canary", with the outcome and its evidence)
     <root>/<task>/<version>/          PEFT folder files + manifest.json (sha256 of every file)
 
 Crash safety: a version is copied into `<root>/<task>/.tmp-*` and renamed into place, so a half-written
 version is never visible; aliases.json and GENERATION are written to a temporary file, fsynced and
 `os.replace`d, so a crash mid-switch leaves the old alias. Readers take no lock. What a crashed writer left
 in a task folder (`.tmp-*`, `.*.tmp`) is removed by the next register or alias move of that task.
+
+Long module: the registry's whole on-disk contract (versions, aliases, canary, history, generation)
+is written in this one module, under one lock discipline.
 """
 from __future__ import annotations
 
@@ -23,6 +29,7 @@ import json
 import os
 import shutil
 import tempfile
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -42,6 +49,8 @@ from core.files import atomic_write_text, file_lock, is_leftover_tmp, publish_di
 ALIASES = ("production", "candidate")
 ALIASES_FILE = "aliases.json"
 HISTORY_FILE = "history.jsonl"
+CANARY_FILE = "canary.json"
+CANARY_OUTCOMES = ("promoted", "rolled_back", "cancelled")
 GENERATION_FILE = "GENERATION"
 LOCK_FILE = ".lock"
 MANIFEST_SCHEMA = 1
@@ -315,22 +324,82 @@ class Registry:
         target = self.get(task, version) if version is not None else None
         with self.lock(task):
             _sweep_leftovers(self._task_dir(task))
-            aliases = self.aliases(task)
-            old = aliases[alias]
-            new = target.version if target else None
-            if old == new:
-                return target
-            aliases[alias] = new
-            task_dir = self._task_dir(task)
-            atomic_write_text(task_dir / ALIASES_FILE, json.dumps(aliases, indent=2, sort_keys=True) + "\n")
-            entry = {"time": _now(), "alias": alias, "from": old, "to": new, "actor": actor or _actor(),
-                     "reason": reason}
-            with open(task_dir / HISTORY_FILE, "a") as fh:
-                fh.write(json.dumps(entry, sort_keys=True) + "\n")
-                fh.flush()
-                os.fsync(fh.fileno())
-            self._bump_generation()
+            if self._move_alias(task, alias, target.version if target else None, reason, actor):
+                self._bump_generation()
         return target
+
+    def _move_alias(self, task: str, alias: str, new: str | None, reason: str, actor: str | None,
+                    **extra) -> bool:
+        """(lock held) Write the alias and its history line; False when it already pointed there."""
+        aliases = self.aliases(task)
+        old = aliases[alias]
+        if old == new:
+            return False
+        aliases[alias] = new
+        atomic_write_text(self._task_dir(task) / ALIASES_FILE, json.dumps(aliases, indent=2, sort_keys=True) + "\n")
+        self._append_history(task, {"alias": alias, "from": old, "to": new, "reason": reason, **extra}, actor)
+        return True
+
+    def _append_history(self, task: str, entry: dict, actor: str | None) -> None:
+        entry = {"time": _now(), "actor": actor or _actor(), **entry}
+        with open(self._task_dir(task) / HISTORY_FILE, "a") as fh:
+            fh.write(json.dumps(entry, sort_keys=True) + "\n")
+            fh.flush()
+            os.fsync(fh.fileno())
+
+    # ------------------------------------------------------------------------------------------ canary
+    def canary(self, task: str) -> dict | None:
+        """The live canary of `task`: {"version", "share", "production", "started_at", "reason"}, or None."""
+        p = self._task_dir(task) / CANARY_FILE
+        if not p.is_file():
+            return None
+        try:
+            data = json.loads(p.read_text())
+        except json.JSONDecodeError as exc:
+            raise FailedPrecondition(f"{p} is corrupt ({exc}); end the canary with `specialist-router loop "
+                                     f"cancel {task}` or delete the file") from exc
+        return data if isinstance(data, dict) and data.get("version") else None
+
+    def start_canary(self, task: str, version: str | int, share: float, *, reason: str = "",
+                     actor: str | None = None) -> dict:
+        """Send `share` (0 < share <= 1) of the task's routed traffic to `version`; the rest stays on production.
+        One canary per task at a time; the version must not be production already."""
+        if not 0.0 < float(share) <= 1.0:
+            raise InvalidArgument(f"canary share must be within (0, 1], got {share!r}")
+        target = self.get(task, version)
+        with self.lock(task):
+            if self.canary(task) is not None:
+                raise FailedPrecondition(f"task {task!r} already has a canary ({self.canary(task)['version']}): end "
+                                         "it first")
+            prod = self.aliases(task)["production"]
+            if prod == target.version:
+                raise FailedPrecondition(f"{target.name} is already production: nothing to canary")
+            state = {"version": target.version, "share": float(share), "production": prod, "started_at": time.time(),
+                     "reason": reason}
+            atomic_write_text(self._task_dir(task) / CANARY_FILE, json.dumps(state, indent=2, sort_keys=True) + "\n")
+            self._append_history(task, {"alias": "canary", "from": None, "to": target.version, "share": float(share),
+                                        "production": prod, "reason": reason}, actor)
+            self._bump_generation()
+        return state
+
+    def end_canary(self, task: str, outcome: str, *, reason: str = "", evidence: dict | None = None,
+                   actor: str | None = None) -> dict:
+        """End the live canary: `promoted` (its version becomes production, in the same step), `rolled_back` or
+        `cancelled` (production unchanged). The decision and its evidence go into the history."""
+        if outcome not in CANARY_OUTCOMES:
+            raise InvalidArgument(f"canary outcome must be one of {', '.join(CANARY_OUTCOMES)}, got {outcome!r}")
+        with self.lock(task):
+            state = self.canary(task)
+            if state is None:
+                raise FailedPrecondition(f"task {task!r} has no live canary")
+            ev = dict(evidence or {})
+            self._append_history(task, {"alias": "canary", "from": state["version"], "to": None, "outcome": outcome,
+                                        "reason": reason, "evidence": ev}, actor)
+            if outcome == "promoted":
+                self._move_alias(task, "production", state["version"], f"canary promoted: {reason}", actor)
+            (self._task_dir(task) / CANARY_FILE).unlink()
+            self._bump_generation()
+        return {**state, "outcome": outcome}
 
     def _bump_generation(self) -> int:
         self.root.mkdir(parents=True, exist_ok=True)

@@ -5,7 +5,9 @@ concurrency level the modes alternate (gateway, direct, gateway, direct, ...) so
 hits both alike. Reported: output tokens/s ratio (gateway / direct) and the latency the gateway adds
 (TTFT and end-to-end, p50 and p99, in ms). The gateway runs as its own process (as in production);
 optional variants with the classifier and/or conversation logging on run in the same interleaving.
-`--paired N` adds a concurrency-1 measurement interleaved per request (each prompt through every mode back
+`--http` adds the gateway's OpenAI-compatible HTTP door (`gateway-http`, the same gateway process, streamed SSE read
+exactly as the direct path reads vLLM's); `--metrics-off` adds a gateway started with `--no-metrics`, so metrics on
+vs off is a ratio of the same run. `--paired N` adds a concurrency-1 measurement interleaved per request (each prompt through every mode back
 to back, N rounds) that reports the median paired difference with a bootstrap 95 % interval: the precise
 way to resolve a few milliseconds of added latency on a noisy machine.
 """
@@ -146,9 +148,20 @@ async def run_direct(url: str, model: str, prompts: list[str], conc: int, max_to
         return await _run_block(client, "direct", prompts, conc)
 
 
+HTTP_SUFFIX = "-http"
+
+
+def client_for(mode: str, target: str, max_tokens: int, conc: int = 4):
+    """The client of a gateway mode: gRPC streaming, or (`...-http`) OpenAI SSE against the gateway's HTTP door."""
+    if mode.endswith(HTTP_SUFFIX):
+        return _Direct(target, "base", max_tokens, limit=conc * 2)
+    return _Gateway(target, mode, max_tokens)
+
+
 async def run_gateway(target: str, mode: str, prompts: list[str], conc: int, max_tokens: int) -> RunStats:
-    async with _Gateway(target, mode, max_tokens) as client:
+    async with client_for(mode, target, max_tokens, conc) as client:
         return await _run_block(client, mode, prompts, conc)
+
 
 def _median_ci(xs: list[float], iters: int = 2000, seed: int = 0) -> tuple[float, float, float]:
     """Median and its 95 % bootstrap interval."""
@@ -176,7 +189,7 @@ async def run_paired(url: str, model: str, targets: dict, prompts: list[str], ma
     async with AsyncExitStack() as stack:
         clients = {"direct": await stack.enter_async_context(_Direct(url, model, max_tokens, api_key=api_key))}
         for m, t in targets.items():
-            clients[m] = await stack.enter_async_context(_Gateway(t, m, max_tokens))
+            clients[m] = await stack.enter_async_context(client_for(m, t, max_tokens))
         for rnd in range(rounds):
             for i, p in enumerate(prompts):
                 k = (i + rnd) % len(modes)
@@ -218,9 +231,12 @@ def render_paired(res: dict) -> str:
 
 
 def start_gateway(url: str, model: str, port: int, *, classifier: bool, logs: bool, data_dir: Path,
-                  classifier_threads: int | None = None, api_key: str = "") -> subprocess.Popen:
+                  classifier_threads: int | None = None, api_key: str = "", http_port: int = 0,
+                  metrics: bool = True) -> subprocess.Popen:
     cmd = [sys.executable, "-m", "cli", "serve", "--backend-url", url, "--model", model, "--port", str(port),
-           "--log-level", "WARNING"]
+           "--http-port", str(http_port), "--log-level", "WARNING"]
+    if not metrics:
+        cmd.append("--no-metrics")
     if not classifier:
         cmd.append("--no-classifier")
     if not logs:
@@ -325,24 +341,30 @@ async def bench(args) -> dict:
                 classifier=True, logs=False, classifier_threads=t)
     if args.logs:
         variants["gateway+logs"] = dict(classifier=False, logs=True)
+    if getattr(args, "metrics_off", False):
+        variants["gateway(metrics off)"] = dict(classifier=False, logs=False, metrics=False)
     procs, targets = [], {}
     data = paths.data_dir() / "bench"
     data.mkdir(parents=True, exist_ok=True)
     try:
         for name, kw in variants.items():
-            port = free_port()
-            procs.append(start_gateway(url, model, port, data_dir=data, api_key=api_key, **kw))
+            port, http_port = free_port(), free_port()
+            procs.append(start_gateway(url, model, port, data_dir=data, api_key=api_key, http_port=http_port, **kw))
             targets[name] = f"127.0.0.1:{port}"
+            if name == "gateway" and getattr(args, "http", False):
+                http_target = f"http://127.0.0.1:{http_port}"
         for t in targets.values():
             await wait_gateway(t)
+        if getattr(args, "http", False):
+            targets["gateway" + HTTP_SUFFIX] = http_target
         prompts = first_turn_prompts(args.prompts, max_chars=1500)
         concs = [int(c) for c in str(args.concurrency).split(",") if c.strip()]
-        modes = [*variants, "direct"]
+        modes = [*targets, "direct"]
         runs: list[RunStats] = []
         # warm-up (compile paths, caches) not measured
         await run_direct(url, model, prompts[:4], 4, 8, api_key)
-        for t in targets.values():
-            await run_gateway(t, "gateway", prompts[:4], 4, 8)
+        for m, t in targets.items():
+            await run_gateway(t, m, prompts[:4], 4, 8)
         paired = None
         if getattr(args, "paired", 0):
             paired = await run_paired(url, model, targets, prompts, args.max_tokens, args.paired, api_key=api_key)
@@ -393,6 +415,9 @@ def parser() -> argparse.ArgumentParser:
                    help="with --classifier: one classifier variant per comma-separated torch thread count "
                         "(classifier.threads), e.g. 1,2; default: one variant with the config's setting")
     p.add_argument("--logs", action="store_true", help="also measure with conversation logging on")
+    p.add_argument("--http", action="store_true", help="also measure the gateway's OpenAI-compatible HTTP door")
+    p.add_argument("--metrics-off", action="store_true", help="also measure a gateway with metrics off "
+                                                              "(--no-metrics): the cost of metrics as a ratio")
     p.add_argument("--json-out", help="write the figures as JSON here")
     return p
 

@@ -50,13 +50,14 @@ __all__ = ["Classifier", "Prediction", "load", "ensure_default", "retain_encoder
            "heldout_path", "heldout_paths", "shipped_encoder_path"]
 
 
-def ensure_default() -> Path:
+def ensure_default(log=print) -> Path:
     """Build the default artifact (`embed`: logistic regression on the embeddings of the first 96 wordpieces
     by MiniLM fine-tuned on the seed set, the shipped `seed.encoder_lora.safetensors`) if absent.
 
     Idempotent: returns the current version's folder when it exists, verifies and matches this release's seed
     and recipe; otherwise trains (a few seconds: the seed embeddings are shipped in `seed.jsonl.embeddings.npz`
-    and recomputed only when they do not match the seed file and encoder) and points `current` at it.
+    and recomputed only when they do not match the seed file and encoder) and points `current` at it. `log`
+    receives the build's progress lines (nothing is logged when the artifact exists).
     """
 
     root = classifier_dir()
@@ -73,8 +74,9 @@ def ensure_default() -> Path:
                 return found
         except FailedPrecondition:
             pass
+        log(f"building the default classifier in {root} from the shipped seed set (first use, ~15 s)")
         return train(ClassifierTrainConfig(data=seed_path(), out=root, model=DEFAULT_KIND, quant=DEFAULT_QUANT,
-                                 encoder_lora=shipped_encoder_path())).path
+                                 encoder_lora=shipped_encoder_path()), log=log).path
 
 
 DEFAULT_KIND = "embed"  # with the fine-tuned encoder, TF-IDF adds no accuracy (docs/bench-classifier.md)

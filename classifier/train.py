@@ -51,7 +51,7 @@ class ClassifierTrainConfig:
     model: str = _s("", "embed: logistic regression on the MiniLM embeddings; combined: TF-IDF word+char n-grams "
                         "stacked with the embeddings; tfidf: TF-IDF only; auto: the best on the validation split; "
                         "empty: embed with a fine-tuned encoder, combined with the stock one.",
-                    choices=("",) + KINDS)
+                    choices=("",) + KINDS, flag="--kind")
     threshold: float | None = _s(None, "Fixed abstain threshold in [0, 1]; empty: chosen on the validation split.")
     max_misroute: float = _s(0.02, "Threshold choice: the largest accepted misroute rate on the validation split.")
     min_threshold: float = _s(0.5, "Never choose a threshold below this.")
@@ -93,7 +93,7 @@ class ClassifierTrainConfig:
 
     def validate(self) -> None:
         if self.model and self.model not in KINDS:
-            raise InvalidArgument(f"--model must be one of {KINDS}, got {self.model!r}")
+            raise InvalidArgument(f"--kind must be one of {KINDS}, got {self.model!r}")
         if self.threshold is not None and not 0.0 <= self.threshold <= 1.0:
             raise InvalidArgument(f"--threshold must be in [0, 1], got {self.threshold}")
 
@@ -256,7 +256,7 @@ def train(cfg: ClassifierTrainConfig, *, embedder=None, log=print) -> TrainResul
         }[kind],
         "data": {"path": str(ex.path), "sha256": ex.sha256, "examples": len(ex.texts),
                  "per_task": {t: ex.labels.count(t) for t in tasks}},
-        "metrics": {"validation": validation, "selected_by": "validation macro-F1" if len(kinds) > 1 else "--model"},
+        "metrics": {"validation": validation, "selected_by": "validation macro-F1" if len(kinds) > 1 else "--kind"},
         "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "train_seconds": round(time.monotonic() - t0, 2),
         **cfg.extra_metadata,

@@ -15,9 +15,10 @@ import sys
 from importlib.metadata import PackageNotFoundError, version
 
 from cli import adapters, classifier, gateway, logs, train
+from cli import loop as loop_cmd
 from core.errors import ServiceError, UserError
 
-COMMAND_MODULES = (gateway, classifier, adapters, logs, train)
+COMMAND_MODULES = (gateway, classifier, adapters, logs, train, loop_cmd)
 
 
 def _version() -> str:

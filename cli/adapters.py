@@ -1,8 +1,8 @@
 """`specialist-router adapters ...`: the registry on disk, and deploys through the running gateway.
 
 Registry-only commands (no gateway needed): `list`, `show`, `register`, `promote`, `validate`.
-Gateway commands (AdminService over gRPC): `deploy`, `rollback`, `retire`, `loaded`.
-Every command takes `--json` for scripts; each is a plain `main(args) -> int`.
+Gateway commands (AdminService over gRPC): `deploy`, `rollback`, `retire`, `loaded`, `load`, `unload`.
+Every command takes `--json` for scripts (only JSON on stdout); each is a plain `main(args) -> int`.
 """
 from __future__ import annotations
 
@@ -17,6 +17,7 @@ from rich.table import Table
 import basemodel
 from adapters.registry import Registry
 from adapters.validation import base_weight_shapes, validate_adapter
+from cli.output import emit_json, err, json_command
 from cli.remote import add_gateway_flags, client_from
 from core.errors import InvalidArgument, NotFound, UserError
 
@@ -29,7 +30,7 @@ def _registry(args):
 def _emit(args, data, table=None) -> None:
     """--json: data as JSON on stdout; else the rich table (or data pretty-printed)."""
     if getattr(args, "json", False) or table is None:
-        print(json.dumps(data, indent=2, sort_keys=True, default=str))
+        emit_json(args, data, sort_keys=True)
         return
     Console().print(table)
 
@@ -88,8 +89,9 @@ def show_main(args) -> int:
         if not versions and not history:
             raise NotFound(f"task {args.task!r} is not in the registry {reg.root}; "
                            f"`specialist-router adapters list` shows the registered tasks")
-        data = {"task": args.task, "aliases": aliases, "versions": [_version_dict(v) for v in versions],
-                "history": history}
+        canary = reg.canary(args.task)
+        data = {"task": args.task, "aliases": aliases, "canary": canary,
+                "versions": [_version_dict(v) for v in versions], "history": history}
         if args.json:
             _emit(args, data)
             return 0
@@ -98,11 +100,27 @@ def show_main(args) -> int:
                          [[v.version, ", ".join(a for a, x in aliases.items() if x == v.version) or "-", v.rank,
                            v.manifest.get("base_model_id"), json.dumps(v.manifest.get("metrics") or {}, sort_keys=True),
                            v.manifest.get("created_at")] for v in versions]))
+        if canary:
+            con.print(f"live canary: version {canary['version']} takes {canary['share']:.0%} of {args.task}'s routed "
+                      f"traffic (production {canary.get('production') or 'base'})")
     if not args.json:
         con.print(_table(f"{args.task} alias history", ["time", "alias", "from", "to", "actor", "reason"],
                          [[h.get("time"), h.get("alias"), h.get("from") or "-", h.get("to") or "-", h.get("actor"),
-                           h.get("reason")] for h in history]))
+                           _why(h)] for h in history]))
     return 0
+
+
+def _why(h: dict) -> str:
+    """The reason of a history line; a canary's end adds its outcome and the evidence's key counts."""
+    why = str(h.get("reason") or "")
+    ev = h.get("evidence") or {}
+    if h.get("outcome"):
+        why = f"[{h['outcome']}] {why}"
+    if ev.get("candidate"):
+        c, p = ev["candidate"], ev.get("production") or {}
+        why += (f" | candidate {c.get('bad')}/{c.get('requests')} bad, production {p.get('bad')}/{p.get('requests')} "
+                f"bad, P(worse) {ev.get('p_worse')}")
+    return why
 
 
 def register_main(args) -> int:
@@ -116,11 +134,12 @@ def register_main(args) -> int:
                                   "or @metrics.json") from exc
         if not isinstance(metrics, dict):
             raise InvalidArgument("--metrics must be a JSON object, e.g. '{\"eval_loss\": 1.2}'")
-    base_dir = Path(basemodel.resolve(args.base_model))
+    # the prepared embedded default unless --model names a folder (prepared now on first use, as `serve` does)
+    base_dir = Path(args.model).expanduser() if args.model else basemodel.prepare(progress=err)
     if not base_dir.is_dir():
-        raise InvalidArgument(f"--base-model {args.base_model} is not a local model folder; pass the folder the "
+        raise InvalidArgument(f"--model {args.model} is not a local model folder; pass the folder the "
                               "adapter was trained on (its weights are fingerprinted)")
-    base_id = args.base_model_id
+    base_id = args.model_id
     if not base_id:
         try:
             base_id = basemodel.read_manifest(base_dir).get("model_id") or str(base_dir)
@@ -156,10 +175,13 @@ def promote_main(args) -> int:
 
 def validate_main(args) -> int:
     fp = None
-    if args.base_model:
-        fp = basemodel.fingerprint(Path(args.base_model))
+    if args.model:
+        if not Path(args.model).expanduser().is_dir():
+            raise InvalidArgument(f"--model {args.model} is not a local model folder; pass the base model folder "
+                                  "to compare fingerprints with")
+        fp = basemodel.fingerprint(Path(args.model).expanduser())
     servable = args.servable_modules.split(",") if args.servable_modules else None
-    info = validate_adapter(args.path, base_fingerprint=fp, base_model_id=args.base_model_id,
+    info = validate_adapter(args.path, base_fingerprint=fp, base_model_id=args.model_id,
                             max_lora_rank=args.max_lora_rank, servable_modules=servable)
     if args.json:
         _emit(args, info)
@@ -214,6 +236,27 @@ def loaded_main(args) -> int:
     return 0
 
 
+def load_main(args) -> int:
+    path = str(Path(args.path).expanduser().absolute())  # the gateway resolves links itself
+    with client_from(args) as c:
+        info = c.load_adapter(args.name, path, timeout=args.timeout)
+    if args.json:
+        _emit(args, dataclasses.asdict(info))
+    else:
+        print(f"loaded {info.name} from {info.path}; send requests with adapter={info.name!r} (not routed to a task)")
+    return 0
+
+
+def unload_main(args) -> int:
+    with client_from(args) as c:
+        c.unload_adapter(args.name, timeout=args.timeout)
+    if args.json:
+        _emit(args, {"unloaded": args.name})
+    else:
+        print(f"unloaded {args.name}")
+    return 0
+
+
 # -------------------------------------------------------------------------------------------- parser
 
 def add_commands(subparsers) -> None:
@@ -241,9 +284,11 @@ def add_commands(subparsers) -> None:
     s = sub.add_parser("register", parents=[common, reg], help="validate a PEFT folder and add it as the next version")
     s.add_argument("task")
     s.add_argument("peft_dir")
-    s.add_argument("--base-model", default=None,
+    s.add_argument("--model", default=None,
                    help="base model folder the adapter was trained on (default: the prepared SmolLM2)")
-    s.add_argument("--base-model-id", default="", help="id recorded in the manifest (default: from the model folder)")
+    s.add_argument("--model-id", default="", help="base model id recorded in the manifest (default: from the model "
+                                                  "folder)")
+    _old_spellings(s)
     s.add_argument("--metrics", default="", help="JSON object of evaluation metrics, or @file.json")
     s.add_argument("--data-fingerprint", default="", help="fingerprint of the training data")
     s.add_argument("--parent", default="", help="version this one derives from / replaces")
@@ -262,8 +307,9 @@ def add_commands(subparsers) -> None:
 
     s = sub.add_parser("validate", parents=[common], help="check a PEFT folder is servable, without registering it")
     s.add_argument("path")
-    s.add_argument("--base-model", default=None, help="base model folder to compare fingerprints with")
-    s.add_argument("--base-model-id", default=None, help="base id (picks servable modules: gpt-oss vs Llama-like)")
+    s.add_argument("--model", default=None, help="base model folder to compare fingerprints with")
+    s.add_argument("--model-id", default=None, help="base model id (picks servable modules: gpt-oss vs Llama-like)")
+    _old_spellings(s)
     s.add_argument("--max-lora-rank", type=int, default=None, help="the server's --max-lora-rank")
     s.add_argument("--servable-modules", default="", help="comma-separated module names the engine serves")
     s.set_defaults(func=validate_main)
@@ -284,3 +330,22 @@ def add_commands(subparsers) -> None:
 
     s = sub.add_parser("loaded", parents=[common, gw], help="gateway: adapters loaded in the backend and the routes")
     s.set_defaults(func=loaded_main)
+
+    s = sub.add_parser("load", parents=[common, gw],
+                       help="gateway: load a PEFT folder under a name (not routed; use it with adapter=NAME)")
+    s.add_argument("name", help="the name requests use (adapter=NAME, model=NAME over HTTP)")
+    s.add_argument("path", help="PEFT folder inside a folder the gateway loads from (its adapter roots)")
+    s.set_defaults(func=load_main)
+
+    s = sub.add_parser("unload", parents=[common, gw], help="gateway: unload an adapter loaded with `load`")
+    s.add_argument("name")
+    s.set_defaults(func=unload_main)
+
+    for action in sub.choices.values():  # --json: only JSON on stdout (cli.output)
+        action.set_defaults(func=json_command(action.get_default("func")))
+
+
+def _old_spellings(s: argparse.ArgumentParser) -> None:
+    """--base-model / --base-model-id: the old spellings of --model / --model-id, accepted but not shown."""
+    s.add_argument("--base-model", dest="model", default=None, help=argparse.SUPPRESS)
+    s.add_argument("--base-model-id", dest="model_id", default=argparse.SUPPRESS, help=argparse.SUPPRESS)

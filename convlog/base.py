@@ -79,6 +79,17 @@ class LogStore(abc.ABC):
         """
 
     @abc.abstractmethod
+    def write_with_feedback(self, records: Iterable[LogRecord],
+                            feedback: Iterable[tuple[str, int, str, str]]) -> tuple[int, int]:
+        """Insert `records` and `feedback` ((request_id, rating, correction, comment) each) in ONE transaction:
+        all of it is committed or none of it (imports). A record whose request_id exists is ignored; feedback
+        with the same content on the same record is stored once. Returns (records inserted, feedback inserted).
+
+        InvalidArgument for a rating outside 1..5, `LogWriteError` if the transaction could not be committed
+        (feedback naming a request id that is neither stored nor in `records` fails the whole transaction).
+        """
+
+    @abc.abstractmethod
     def existing_ids(self, request_ids: Iterable[str]) -> set[str]:
         """The subset of `request_ids` already stored."""
 
@@ -111,6 +122,14 @@ class LogStore(abc.ABC):
     @abc.abstractmethod
     def delete_older_than(self, days: float) -> int:
         """Retention: delete records (and their feedback) older than `days`; returns records deleted."""
+
+    @abc.abstractmethod
+    def count_older_than(self, days: float) -> int:
+        """How many records `delete_older_than(days)` would delete now (`logs purge --dry-run`)."""
+
+    @abc.abstractmethod
+    def count_client(self, client_id: str) -> int:
+        """How many records `delete_client(client_id)` would delete (`logs forget --dry-run`)."""
 
     @abc.abstractmethod
     def delete_client(self, client_id: str) -> int:

@@ -12,6 +12,7 @@ import dataclasses
 import time
 from typing import Callable, Iterable, Iterator
 
+from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from convlog.pii import PiiPolicy
@@ -89,7 +90,7 @@ def import_sharegpt(store: LogStore, *, limit: int | None = None, classify: Clas
     bar = None
     if progress:
         bar = Progress(TextColumn("importing ShareGPT"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                       TextColumn("{task.fields[rate]}"), transient=False)
+                       TextColumn("{task.fields[rate]}"), transient=False, console=Console(stderr=True))
         bar.start()
         task_id = bar.add_task("import", total=limit, rate="")
     try:

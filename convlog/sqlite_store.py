@@ -83,6 +83,41 @@ _MIGRATIONS = [_migration_1]
 assert len(_MIGRATIONS) == SCHEMA_VERSION
 
 
+def _feedback_key(request_id: str, rating, correction: str, comment: str) -> tuple:
+    """(feedback_id, request_id, rating, correction, comment, idem) of a valid feedback row."""
+    if isinstance(rating, bool):
+        raise InvalidArgument(f"rating must be an integer 1..5, got {rating!r}")
+    try:
+        rating = int(rating)
+    except (TypeError, ValueError):
+        raise InvalidArgument(f"rating must be an integer 1..5, got {rating!r}") from None
+    if not 1 <= rating <= 5:
+        raise InvalidArgument(f"rating must be between 1 and 5, got {rating}")
+    if not request_id:
+        raise InvalidArgument("request_id is required")
+    correction, comment = correction or "", comment or ""
+    idem = feedback_idempotency_key(rating, correction, comment)
+    fid = "fb-" + hashlib.sha256(f"{request_id}\0{idem}".encode()).hexdigest()[:24]
+    return fid, request_id, rating, correction, comment, idem
+
+
+def _cutoff(days: float) -> float:
+    """The created_at bound of `purge --older-than-days`."""
+    try:
+        d = float(days)
+    except (TypeError, ValueError):
+        d = -1.0
+    if not d >= 0:  # also NaN
+        raise InvalidArgument(f"--older-than-days must be a number >= 0, got {days!r}")
+    return time.time() - d * 86400.0
+
+
+def _client(client_id: str) -> str:
+    if not client_id:
+        raise InvalidArgument("client_id is required (an empty id would match every anonymous request)")
+    return client_id
+
+
 class SQLiteLogStore(LogStore):
     """SQLite store (WAL). One write connection guarded by a lock; each `iter_records` opens its own
     read connection so a long export never blocks the gateway's writes."""
@@ -190,44 +225,47 @@ class SQLiteLogStore(LogStore):
 
     # -- writes
     def write_many(self, records: Iterable[LogRecord]) -> int:
-        rows = [self._row(r) for r in records]  # serialization errors surface before the transaction
-        if not rows:
-            return 0
+        return self.write_with_feedback(records, [])[0]
+
+    def write_with_feedback(self, records: Iterable[LogRecord],
+                            feedback: Iterable[tuple[str, int, str, str]]) -> tuple[int, int]:
+        rows = [self._row(r) for r in records]  # serialization and rating errors surface before the transaction
+        now = time.time()
+        fb_rows = [(*_feedback_key(rid, rating, correction, comment), now) for rid, rating, correction, comment in feedback]
+        if not rows and not fb_rows:
+            return 0, 0
         if self.read_only:
             raise LogWriteError(f"log store {self.path} is read-only")
-        sql = (f"INSERT OR IGNORE INTO records ({', '.join(_RECORD_COLUMNS)}) "
-               f"VALUES ({', '.join('?' * len(_RECORD_COLUMNS))})")
+        rec_sql = (f"INSERT OR IGNORE INTO records ({', '.join(_RECORD_COLUMNS)}) "
+                   f"VALUES ({', '.join('?' * len(_RECORD_COLUMNS))})")
+        fb_sql = ("INSERT OR IGNORE INTO feedback (feedback_id, request_id, rating, correction, comment, idem, "
+                  "created_at) VALUES (?, ?, ?, ?, ?, ?, ?)")
         with self._lock:
             self._check_open()
             c = self._conn
             try:
                 c.execute("BEGIN IMMEDIATE")
                 before = c.total_changes
-                c.executemany(sql, rows)
+                c.executemany(rec_sql, rows)
                 inserted = c.total_changes - before
+                before = c.total_changes
+                c.executemany(fb_sql, fb_rows)
+                fb_inserted = c.total_changes - before
                 c.execute("COMMIT")
-                return inserted
+                return inserted, fb_inserted
             except sqlite3.Error as exc:
                 if c.in_transaction:
                     try:
                         c.execute("ROLLBACK")
                     except sqlite3.Error:
                         pass
-                raise LogWriteError(f"log store {self.path}: write of {len(rows)} record(s) failed: {exc}") from exc
+                what = f"{len(rows)} record(s)" + (f" and {len(fb_rows)} feedback row(s)" if fb_rows else "")
+                raise LogWriteError(f"log store {self.path}: write of {what} failed, nothing was written: "
+                                    f"{exc}") from exc
 
     def add_feedback(self, request_id: str, rating: int, correction: str = "",
                      comment: str = "") -> tuple[Feedback, bool]:
-        try:
-            rating = int(rating)
-        except (TypeError, ValueError):
-            raise InvalidArgument(f"rating must be an integer 1..5, got {rating!r}") from None
-        if not 1 <= rating <= 5:
-            raise InvalidArgument(f"rating must be between 1 and 5, got {rating}")
-        if not request_id:
-            raise InvalidArgument("request_id is required")
-        correction, comment = correction or "", comment or ""
-        idem = feedback_idempotency_key(rating, correction, comment)
-        fid = "fb-" + hashlib.sha256(f"{request_id}\0{idem}".encode()).hexdigest()[:24]
+        fid, request_id, rating, correction, comment, idem = _feedback_key(request_id, rating, correction, comment)
         if self.read_only:
             raise LogWriteError(f"log store {self.path} is read-only")
         with self._lock:
@@ -271,15 +309,22 @@ class SQLiteLogStore(LogStore):
                 c.execute("PRAGMA wal_checkpoint(TRUNCATE)")
         return n
 
+    def _count_where(self, where: str, params: tuple) -> int:
+        with self._lock:
+            self._check_open()
+            return int(self._conn.execute(f"SELECT COUNT(*) FROM records WHERE {where}", params).fetchone()[0])
+
     def delete_older_than(self, days: float) -> int:
-        if days is None or float(days) < 0:
-            raise InvalidArgument(f"--older-than-days must be >= 0, got {days!r}")
-        return self._delete_where("created_at < ?", (time.time() - float(days) * 86400.0,))
+        return self._delete_where("created_at < ?", (_cutoff(days),))
+
+    def count_older_than(self, days: float) -> int:
+        return self._count_where("created_at < ?", (_cutoff(days),))
 
     def delete_client(self, client_id: str) -> int:
-        if not client_id:
-            raise InvalidArgument("client_id is required (an empty id would match every anonymous request)")
-        return self._delete_where("client_id = ?", (client_id,))
+        return self._delete_where("client_id = ?", (_client(client_id),))
+
+    def count_client(self, client_id: str) -> int:
+        return self._count_where("client_id = ?", (_client(client_id),))
 
     # -- reads
     def existing_ids(self, request_ids: Iterable[str]) -> set[str]:

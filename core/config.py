@@ -138,10 +138,22 @@ def read_yaml_mapping(path: str | Path) -> dict:
 
 
 def load(cls: type[T], *, config_file: str | Path | None = None, env_prefix: str = "",
-         overrides: dict | None = None, base: dict | None = None) -> T:
-    """defaults < `base` (e.g. a profile) < YAML file < environment < overrides (CLI flags), then validate()."""
+         overrides: dict | None = None, base: dict | None = None, section_of_file: str = "",
+         other_sections: tuple[str, ...] = ()) -> T:
+    """defaults < `base` (e.g. a profile) < YAML file < environment < overrides (CLI flags), then validate().
+    One file may configure several processes: `section_of_file` reads only that top-level key of the file;
+    `other_sections` are top-level keys owned by other processes, skipped here."""
     cfg = cls()
-    for layer in (base, read_yaml_mapping(config_file) if config_file else None,
+    from_file = None
+    if config_file:
+        data = read_yaml_mapping(config_file)
+        if section_of_file:
+            from_file = data.get(section_of_file) or {}
+            if not isinstance(from_file, dict):
+                raise ConfigError(f"{section_of_file} in {config_file} must be a mapping")
+        else:
+            from_file = {k: v for k, v in data.items() if k not in other_sections}
+    for layer in (base, from_file,
                   env_overrides(env_prefix) if env_prefix else None, overrides):
         if layer:
             apply(cfg, layer)
@@ -203,6 +215,21 @@ def add_flags(parser: argparse.ArgumentParser, cls: type, *, skip: tuple[str, ..
                 kw["type"] = origin
                 kw.pop("metavar")
         group.add_argument(name, **kw)
+
+
+def add_hidden_alias(parser: argparse.ArgumentParser, alias: str, path: str) -> None:
+    """A deprecated spelling `alias` of the flag `add_flags` made for setting `path`: same destination, type and
+    choices, accepted but not shown in --help (old scripts keep working while the help shows one name)."""
+    dest = _FLAG_DEST + path
+    act = next((a for a in parser._actions if a.dest == dest), None)
+    if act is None:
+        raise ValueError(f"no flag for setting {path!r} in this parser (call add_flags first)")
+    kw: dict = dict(dest=dest, default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+    if isinstance(act, argparse.BooleanOptionalAction):
+        kw["action"] = argparse.BooleanOptionalAction
+    else:
+        kw.update(type=act.type, choices=act.choices, metavar=act.metavar)
+    parser.add_argument(alias, **kw)
 
 
 def overrides_from_args(args: argparse.Namespace) -> dict:

@@ -217,7 +217,8 @@ class GatewayConfig:
 
 def load(config_file: str | Path | None = None, overrides: dict | None = None) -> GatewayConfig:
     """defaults < YAML file < environment < overrides (CLI flags); `data_dir` becomes the process's data root."""
-    cfg = config.load(GatewayConfig, config_file=config_file, env_prefix=GATEWAY_PREFIX, overrides=overrides)
+    cfg = config.load(GatewayConfig, config_file=config_file, env_prefix=GATEWAY_PREFIX, overrides=overrides,
+                      other_sections=("loop",))
     if cfg.data_dir:
         os.environ["SPECIALIST_ROUTER_HOME"] = str(Path(cfg.data_dir).expanduser().resolve())
     return cfg

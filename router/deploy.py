@@ -26,6 +26,7 @@ from core.errors import FailedPrecondition, NotFound, RouterError
 from router.config import DeployConfig
 from router.lora import AdapterLoader, AdapterPolicy
 from router.metrics import NO_METRICS
+from router.routing import Canary
 
 log = logging.getLogger("router.deploy")
 
@@ -73,8 +74,8 @@ class Deployer:
             ok = await self.table.drain(name, self.cfg.drain_timeout_s)
             if not ok:
                 log.warning("adapter %s still has requests after %.0f s; unloading anyway", name, self.cfg.drain_timeout_s)
-            if name in self.table.routes.values():
-                return  # routed again meanwhile (a quick rollback): keep it
+            if self.table.in_use(name):
+                return  # routed again meanwhile (a quick rollback, a promoted canary): keep it
             try:
                 await self.loader.unload(name)
             except RouterError as exc:
@@ -170,7 +171,36 @@ class Deployer:
                 log.info("restored %s", prod.name)
             except Exception as exc:
                 log.error("could not restore production adapter %s: %s", prod.name, exc)
+        for task in tasks:
+            await self.sync_canary(task)
         self._generation = await self._io(self.registry.generation)
+
+    async def sync_canary(self, task: str) -> None:
+        """Apply the registry's canary state of `task`: load and smoke-test the canary version, then split; when the
+        canary ended, stop splitting and unload its adapter (kept when it was promoted to production)."""
+        try:
+            state = await self._io(self.registry.canary, task)
+            have = self.table.canaries.get(task)
+            if state is None:
+                if have is not None:
+                    self.table.set_canary(task, None)
+                    log.info("canary %s of %s ended", have.adapter, task)
+                    self._drain_then_unload(have.adapter)
+                return
+            av = await self._io(self.registry.get, task, state["version"])
+            want = Canary(av.name, float(state["share"]))
+            if have == want:
+                return
+            if have is None or have.adapter != av.name:
+                await self._validate(av)
+                await self.loader.load_registered(av.name, str(av.path), task=task, version=av.version)
+                await self._smoke(av.name)
+            self.table.set_canary(task, want)
+            log.info("canary %s takes %.0f%% of %s's routed traffic", av.name, 100 * want.share, task)
+            if have is not None and have.adapter != av.name:
+                self._drain_then_unload(have.adapter)
+        except Exception as exc:  # noqa: BLE001 - a canary that cannot start leaves production serving everything
+            log.error("canary of task %s could not be applied: %s", task, exc)
 
     async def reconcile(self) -> None:
         """Follow alias moves made by another process/replica."""
@@ -187,6 +217,8 @@ class Deployer:
                     await self.deploy(task, prod.version, reason="sync")
             except Exception as exc:
                 log.error("sync of task %s to %s failed: %s", task, want or "base", exc)
+        for task in await self._io(self.registry.tasks):
+            await self.sync_canary(task)
 
     def start_polling(self) -> asyncio.Task:
         interval_s = self.cfg.registry_poll_s

@@ -116,9 +116,10 @@ class AdapterLoader:
         async with self._lock:
             if name not in self.table.loaded:
                 raise self.not_loaded(name)
-            if name in self.table.routes.values():
-                tasks = [t for t, a in self.table.routes.items() if a == name]
-                raise FailedPrecondition(f"adapter {name!r} is routed for task(s) {tasks}: retire or redeploy first")
+            tasks = self.table.in_use(name)
+            if tasks:
+                raise FailedPrecondition(f"adapter {name!r} is routed for task(s) {tasks} (production or canary): "
+                                         "retire, redeploy or end the canary first")
             try:
                 await self.backend.unload_lora(name)
             except RouterError:

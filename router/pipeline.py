@@ -24,7 +24,7 @@ from router.grpc_errors import REQUEST_ID
 from router.health import Health
 from router.metrics import NO_METRICS
 from router.request_checks import check_request
-from router.routing import Decision, RoutingTable, decide, explicit_adapter
+from router.routing import Decision, RoutingTable, decide, explicit_adapter, split_point
 
 log = logging.getLogger("router.gateway")
 
@@ -144,14 +144,15 @@ class Pipeline:
         if req.adapter:
             return explicit_adapter(self.table, req.adapter), 0.0
         known = self.classifier.tasks
+        point = split_point(messages, req.client_id) if self.table.canaries else None
         if req.task:
-            return decide(self.table, task_override=req.task, known_tasks=known), 0.0
+            return decide(self.table, task_override=req.task, known_tasks=known, point=point), 0.0
         if not self.classifier.enabled:
             return decide(self.table, task_override="", known_tasks=None), 0.0
         t0 = now_ms()
         pred = await self.classifier.predict(last_user_text(messages))
         d = decide(self.table, task_override="", known_tasks=known, prediction=pred,
-                   threshold=self.classifier.threshold())
+                   threshold=self.classifier.threshold(), point=point)
         return d, now_ms() - t0
 
     def _record(self, api: str, rec: LogRecord, code: str, total_ms: float) -> None:

@@ -1,12 +1,17 @@
 """The routing table and policy: which adapter (or the base model) serves a request, and why.
 
 The table maps task -> adapter name; it is replaced as a whole (one reference assignment) so a request
-sees either the old or the new table, never a mix. Each loaded adapter counts its in-flight requests so
+sees either the old or the new table, never a mix. A task may also have a canary (registry canary state): a
+share of the task's routed traffic goes to the canary version, chosen by a hash of the request (`split_point`),
+so every gateway replica sends the same request to the same version, and a retried request (same content, same
+client) lands where the first attempt did. Each loaded adapter counts its in-flight requests so
 a deploy can drain the old version before unloading it.
 """
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import json
 from dataclasses import dataclass, field
 
 from core.errors import InvalidArgument, NotFound, quoted
@@ -43,10 +48,37 @@ class Decision:
         return pb.RouteReason.Name(self.reason).removeprefix("ROUTE_REASON_").lower()
 
 
+@dataclass(frozen=True)
+class Canary:
+    adapter: str  # the canary version's loaded name, e.g. code@4
+    share: float  # of the task's routed traffic, (0, 1]
+
+
+def split_point(messages: list[dict], client_id: str) -> float:
+    """A request's position in [0, 1): the same on every replica and for a retry of the same request."""
+    h = hashlib.blake2b(json.dumps([client_id, messages], ensure_ascii=False, separators=(",", ":")).encode(),
+                        digest_size=8).digest()
+    return int.from_bytes(h, "big") / 2**64
+
+
 class RoutingTable:
     def __init__(self, static_routes: dict[str, str] | None = None):
         self.routes: dict[str, str] = dict(static_routes or {})
         self.loaded: dict[str, LoadedAdapter] = {}
+        self.canaries: dict[str, Canary] = {}
+
+    def set_canary(self, task: str, canary: Canary | None) -> None:
+        new = dict(self.canaries)
+        if canary is not None:
+            new[task] = canary
+        else:
+            new.pop(task, None)
+        self.canaries = new  # atomic swap
+
+    def in_use(self, name: str) -> list[str]:
+        """Tasks that route `name` (production or canary): it must stay loaded."""
+        return sorted({t for t, a in self.routes.items() if a == name} |
+                      {t for t, c in self.canaries.items() if c.adapter == name})
 
     def set_route(self, task: str, adapter: str | None) -> None:
         new = dict(self.routes)
@@ -99,13 +131,23 @@ def explicit_adapter(table: RoutingTable, name: str) -> Decision:
                    f"deployed specialist, or 'base' (list them with `specialist-router adapters list`)")
 
 
+def _canary(table: RoutingTable, d: Decision, point: float | None) -> Decision:
+    """The canary's share of a task's routed traffic goes to the canary version (when it is loaded)."""
+    c = table.canaries.get(d.task)
+    if c is None or point is None or point >= c.share or c.adapter not in table.loaded:
+        return d
+    return Decision(c.adapter, d.task, d.confidence, pb.ROUTE_REASON_CANARY, d.truncated, d.scores)
+
+
 def decide(table: RoutingTable, *, task_override: str, known_tasks: list[str] | None,
-           prediction=None, threshold: float = 0.0) -> Decision:
-    """Policy for requests without an explicit adapter. `prediction` is the classifier's Prediction or None."""
+           prediction=None, threshold: float = 0.0, point: float | None = None) -> Decision:
+    """Policy for requests without an explicit adapter. `prediction` is the classifier's Prediction or None;
+    `point`: the request's `split_point` (None: no canary split, e.g. Classify)."""
     if task_override:
         if known_tasks is not None and task_override not in known_tasks and task_override not in table.routes:
             raise InvalidArgument(f"task {quoted(task_override)} is not a known task: use one of {sorted(known_tasks)}")
-        return Decision(table.route_for(task_override), task_override, 1.0, pb.ROUTE_REASON_TASK_OVERRIDE)
+        return _canary(table, Decision(table.route_for(task_override), task_override, 1.0,
+                                       pb.ROUTE_REASON_TASK_OVERRIDE), point)
     if prediction is None:
         return Decision("", "", 0.0, pb.ROUTE_REASON_CLASSIFIER_DISABLED)
     task, conf = prediction.task, float(prediction.confidence)
@@ -116,5 +158,5 @@ def decide(table: RoutingTable, *, task_override: str, known_tasks: list[str] | 
         return Decision("", task, conf, pb.ROUTE_REASON_GENERAL_TASK, **extra)
     adapter = table.route_for(task)
     if not adapter:
-        return Decision("", task, conf, pb.ROUTE_REASON_NO_ADAPTER, **extra)
-    return Decision(adapter, task, conf, pb.ROUTE_REASON_SPECIALIST, **extra)
+        return _canary(table, Decision("", task, conf, pb.ROUTE_REASON_NO_ADAPTER, **extra), point)
+    return _canary(table, Decision(adapter, task, conf, pb.ROUTE_REASON_SPECIALIST, **extra), point)

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-PACKAGES = ("core", "basemodel", "convlog", "classifier", "adapters", "training", "router", "cli")
+PACKAGES = ("core", "basemodel", "convlog", "classifier", "adapters", "training", "router", "loop", "cli")
 MAX_LINES = 400
 
 

@@ -361,8 +361,8 @@ def test_cli_stats_purge_forget_check(tmp_path, capsys):
     assert json.loads(capsys.readouterr().out)["records"] == 3
     assert _cli("logs", "stats", "--db", str(db)) == 0
     assert "records per task" in capsys.readouterr().out
-    assert _cli("logs", "purge", "--db", str(db), "--older-than-days", "30") == 0
-    assert _cli("logs", "forget", "--db", str(db), "--client-id", "carol") == 0
+    assert _cli("logs", "purge", "--db", str(db), "--older-than-days", "30", "--yes") == 0
+    assert _cli("logs", "forget", "--db", str(db), "--client-id", "carol", "--yes") == 0
     assert _cli("logs", "check", "--db", str(db)) == 0
     assert "ok" in capsys.readouterr().out.splitlines()[-1]
     with open_store(db) as s:

@@ -147,7 +147,8 @@ def test_cli_does_not_import_torch():
             "from cli.train import config_from_args; c = config_from_args(a); "
             "from training.config import apply_device; apply_device(c.device); "
             "import os; print('torch' in sys.modules, os.environ['CUDA_VISIBLE_DEVICES'])")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    env = {k: v for k, v in os.environ.items() if k != "CUDA_VISIBLE_DEVICES"}  # nothing inherited: cuda:1 is GPU 1
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env).stdout.split()
     assert out == ["False", "1"]
 
 

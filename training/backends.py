@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from core.errors import InvalidArgument, ResourceExhausted
+from training.device import use_cuda
 
 ATTENTION_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj"]
 MLP_MODULES = ["gate_proj", "up_proj", "down_proj"]
@@ -92,7 +93,7 @@ def _sft_config(job: TrainJob, on_cuda: bool):
         fp16=False,
         gradient_checkpointing=False,
         use_cpu=not on_cuda,
-        report_to=[],
+        report_to=[] if cfg.report_to == "none" else [cfg.report_to],
         disable_tqdm=True,
         seed=cfg.seed,
         data_seed=cfg.seed,
@@ -125,11 +126,10 @@ def sft_trainer_class(on_cuda: bool):
 
 
 def _run_trainer(job: TrainJob, model, tokenizer, peft_config, name: str, target_modules: list) -> TrainOutput:
-    # lazy: torch costs ~1.6 s to import; only code that runs a model needs it
-    import torch
+    # lazy: datasets costs ~1.4 s to import (pyarrow, pandas); only code that runs a model needs it
     from datasets import Dataset
 
-    on_cuda = torch.cuda.is_available() and job.cfg.device != "cpu"
+    on_cuda = use_cuda(job.cfg.device)  # a GPU device torch cannot see is an error, not a CPU run
     cols = ("prompt", "completion")
     train_ds = Dataset.from_list([{k: r[k] for k in cols} for r in job.train_rows])
     eval_ds = Dataset.from_list([{k: r[k] for k in cols} for r in job.eval_rows]) if job.eval_rows else None
@@ -157,7 +157,7 @@ class PeftTrlBackend:
         cfg = job.cfg
         if cfg.num_threads:
             torch.set_num_threads(cfg.num_threads)
-        on_cuda = torch.cuda.is_available() and cfg.device != "cpu"
+        on_cuda = use_cuda(cfg.device)
         try:
             tokenizer = AutoTokenizer.from_pretrained(job.model_dir)
             if tokenizer.pad_token is None:
@@ -195,7 +195,7 @@ class UnslothBackend:
         cfg = job.cfg
         try:
             model, tokenizer = self._flm.from_pretrained(model_name=job.model_dir, max_seq_length=cfg.max_seq_len,
-                                                         load_in_4bit=False, dtype=None)
+                                                         load_in_4bit=cfg.load_in_4bit, dtype=None)
             targets = list(cfg.target_modules) or default_target_modules(model.config)
             model = self._flm.get_peft_model(model, r=cfg.lora_r, lora_alpha=cfg.lora_alpha,
                                              lora_dropout=cfg.lora_dropout, target_modules=targets, bias="none",

@@ -3,23 +3,28 @@
 Precedence: dataclass defaults < profile (`quick | standard | full`) < `--config file.yaml` <
 environment (`SPECIALIST_ROUTER_TRAIN__FIELD`, e.g. `SPECIALIST_ROUTER_TRAIN__MAX_STEPS=50`) < CLI flags.
 Every field is documented with `metadata["help"]`; `validate()` checks the cross-field rules.
-Nothing here imports torch: the device must be chosen before torch is loaded.
+Nothing here imports torch: the device must be chosen before torch is loaded (`training.device`).
 """
 from __future__ import annotations
 
 import dataclasses
-import os
-import sys
+import importlib.util
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from classifier import GENERAL
 from core import config
 from core.config import setting as _f
 from core.envs import TRAIN_PREFIX
 from core.errors import ConfigError
+from training import device as gpu
+from training.device import apply_device
 
-DEFAULT_TASKS = ("code", "math", "writing", "translation", "summarization", "extraction", "general")
+__all__ = ["PROFILES", "TrainConfig", "apply_device", "load"]
+
+DEFAULT_TASKS = ("code", "math", "writing", "translation", "summarization", "extraction", GENERAL)
+REPORT_TO = ("none", "tensorboard")  # experiment trackers the trainer may log to (none: only report.json, loss.png)
 
 # Step budgets and shapes per profile. `quick` fits in <= 20 min wall on a 2-core CPU including data prep
 # and evaluation (measured: see docs/bench-training.md); `standard` and `full` are meant for a GPU.
@@ -49,14 +54,20 @@ class TrainConfig:
     sources: list = _f([], "Only these log sources (live, import); empty: all.")
     run_dir: str = _f("", "Run folder (checkpoints, report.json, loss.png); empty: <data dir>/runs/<task>-<UTC time>.")
     resume: bool = _f(False, "Continue the run in an existing run_dir from its last checkpoint.")
-    base_model: str = _f("", "Base model HF folder; empty: the prepared embedded default (SmolLM2-135M-Instruct).")
+    base_model: str = _f("", "Base model HF folder; empty: the prepared embedded default (SmolLM2-135M-Instruct).",
+                         flag="--model")
     served_fingerprint: str = _f("", "Weights fingerprint of the model the gateway serves; when set, a different base is refused. "
                                      "Empty: checked against the production adapter's manifest instead.")
     registry: str = _f("", "Adapter registry root; empty: <data dir>/adapters.")
     # device / backend
-    device: str = _f("cpu", "cpu | cuda | cuda:N. Applied before torch is imported (CUDA_VISIBLE_DEVICES).")
+    device: str = _f("cpu", "cpu | cuda | cuda:N: the N-th GPU visible to this process (the N-th entry of an inherited "
+                            "CUDA_VISIBLE_DEVICES, else physical GPU N); training sees only that GPU.")
+    serving_gpus: str = _f("", "GPUs that serve the model (CUDA_VISIBLE_DEVICES entries as the host numbers them, e.g. "
+                               "0 or 0,1); a device that is one of them is refused. Empty: no check.")
     backend: str = _f("auto", "Trainer: auto (unsloth on CUDA when installed, else peft) | peft | unsloth.",
                       choices=("auto", "peft", "unsloth"))
+    load_in_4bit: bool = _f(False, "QLoRA: load the base model in 4-bit for training (unsloth backend on CUDA; the "
+                                   "adapter is still saved in 16-bit PEFT format).")
     num_threads: int = _f(2, "CPU threads for torch (torch.set_num_threads); 0 keeps torch's default.")
     # data filters
     min_confidence: float = _f(0.8, "Keep only records whose classifier confidence is >= this.")
@@ -89,6 +100,9 @@ class TrainConfig:
     eval_on_start: bool = _f(True, "Also evaluate at step 0 (the base model's held-out loss: the reference line of the loss plot).")
     logging_steps: int = _f(1, "Log the train loss every N steps.")
     save_total_limit: int = _f(2, "Checkpoints kept in the run dir.")
+    report_to: str = _f("none", "Also send the train/eval metrics to: none | tensorboard (event files under "
+                                "<run dir>/checkpoints/runs/; needs `pip install 'specialist-router[tensorboard]'`).",
+                        choices=REPORT_TO)
     target_loss: float = _f(0.0, "Stop early once the train loss (running mean of 5) is <= this; 0: off.")
     overfit_patience: int = _f(2, "Warn (and stop when stop_on_overfit) after this many evaluations with rising eval loss.")
     stop_on_overfit: bool = _f(False, "Stop training when eval loss keeps rising for overfit_patience evaluations.")
@@ -108,11 +122,21 @@ class TrainConfig:
         if self.task not in self.tasks:
             raise ConfigError(f"unknown task {self.task!r}; known tasks: {', '.join(self.tasks)} "
                               "(set `tasks` in the config file for a custom task set)")
+        if self.task == GENERAL:
+            specialists = ", ".join(t for t in self.tasks if t != GENERAL)
+            raise ConfigError(f"task {GENERAL!r} never gets a specialist: the gateway answers general prompts (and "
+                              f"the classifier's abstentions) with the base model, so an adapter trained for it would "
+                              f"never be routed; pick a specialist task ({specialists})")
+        if self.report_to not in REPORT_TO:
+            raise ConfigError(f"report_to must be one of {', '.join(REPORT_TO)}, got {self.report_to!r}")
+        if self.report_to == "tensorboard" and not any(importlib.util.find_spec(m) for m in ("tensorboard",
+                                                                                          "tensorboardX")):
+            raise ConfigError("report_to tensorboard needs the tensorboard package: "
+                              "pip install 'specialist-router[tensorboard]' (or set report_to none)")
         if self.profile not in PROFILES:
             raise ConfigError(f"unknown profile {self.profile!r}; choose one of {', '.join(PROFILES)}")
-        if not (self.device == "cpu" or self.device == "cuda" or
-                (self.device.startswith("cuda:") and self.device[5:].replace(",", "").isdigit())):
-            raise ConfigError(f"device must be cpu, cuda or cuda:N, got {self.device!r}")
+        gpu.resolve(self.device, gpu.inherited())  # cuda:N must name a GPU visible to this process
+        gpu.check_serving(self.device, self.serving_gpus, gpu.inherited())
         if self.backend not in ("auto", "peft", "unsloth"):
             raise ConfigError(f"backend must be auto, peft or unsloth, got {self.backend!r}")
         if self.pii not in ("mask", "off"):
@@ -157,13 +181,3 @@ def load(config_file: str | Path | None = None, overrides: dict | None = None) -
     for layer in layers:
         config.apply(cfg, layer)
     return cfg.validate()
-
-
-def apply_device(device: str) -> None:
-    """Make `device` the only visible accelerator. Must run before torch is imported."""
-    if device == "cpu":
-        os.environ["CUDA_VISIBLE_DEVICES"] = ""
-    elif device.startswith("cuda:"):
-        if "torch" in sys.modules:
-            raise ConfigError("--device cuda:N must be applied before torch is imported (internal ordering bug)")
-        os.environ["CUDA_VISIBLE_DEVICES"] = device[5:]

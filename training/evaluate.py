@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from core.errors import FailedPrecondition
+from training.device import use_cuda
 from training.format import IGNORE, tokenize_row
 
 
@@ -69,7 +70,7 @@ def evaluate(cfg, model_dir: str, adapter_dir: str, eval_rows: list, other_rows:
 
     if cfg.num_threads:
         torch.set_num_threads(cfg.num_threads)
-    on_cuda = torch.cuda.is_available() and cfg.device != "cpu"
+    on_cuda = use_cuda(cfg.device)
     tok = AutoTokenizer.from_pretrained(model_dir)
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token

@@ -144,6 +144,11 @@ def _run(cfg, run_dir: Path, report: RunReport, echo, show_progress: bool, t_sta
                                  f"{'(production ' + production.name + ')' if production is not None and not cfg.served_fingerprint else ''}"
                                  f" has {served}; train on the served base (--config base_model: <its folder>)")
 
+    if cfg.device != "cpu" and cfg.backend in ("auto", "unsloth"):
+        try:  # unsloth patches transformers/trl/peft only when it is imported before them (unsloth docs)
+            import unsloth  # noqa: F401  # lazy: CUDA only (its import raises without a GPU)
+        except Exception:  # noqa: BLE001 - absent or no GPU: select_backend reports it and falls back to peft
+            pass
     # lazy: these import transformers and torch, which must load after apply_device() (run() calls it first)
     from transformers import AutoTokenizer
 
