@@ -114,6 +114,10 @@ class DeployConfig:
     registry_poll_s: float = _s(2.0, "How often the gateway polls the registry's generation counter to follow alias "
                                      "moves made by another process or replica.")
     smoke_timeout_s: float = _s(120.0, "Timeout of the one-token smoke generation on a newly loaded adapter.")
+    pinned_max_loaded: int = _s(2, "Registry versions a request pinned by name (`code@3`) may load on demand, at most "
+                                   "at once besides the production and canary adapters; the least recently used "
+                                   "idle one makes room, and when all are busy the request gets RESOURCE_EXHAUSTED.")
+    pinned_idle_s: float = _s(300.0, "A version loaded on demand is unloaded after this many seconds without requests.")
 
 
 @dataclass
@@ -195,7 +199,10 @@ class GatewayConfig:
                      "max_comment_chars", "max_name_chars", "max_concurrent_streams"):
             if getattr(self.limits, name) < 1:
                 raise ConfigError(f"limits.{name} must be >= 1, got {getattr(self.limits, name)}")
-        for name in ("drain_timeout_s", "registry_poll_s", "smoke_timeout_s"):
+        if self.deploy.pinned_max_loaded < 0:
+            raise ConfigError(f"deploy.pinned_max_loaded must be >= 0 (0: no on-demand loads), got "
+                              f"{self.deploy.pinned_max_loaded}")
+        for name in ("drain_timeout_s", "registry_poll_s", "smoke_timeout_s", "pinned_idle_s"):
             if getattr(self.deploy, name) <= 0:
                 raise ConfigError(f"deploy.{name} must be > 0, got {getattr(self.deploy, name)}")
         t = self.tls

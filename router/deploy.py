@@ -22,7 +22,7 @@ from pathlib import Path
 
 from adapters.registry import Registry
 from adapters.validation import validate_names
-from core.errors import FailedPrecondition, NotFound, RouterError
+from core.errors import FailedPrecondition, NotFound, ResourceExhausted, RouterError
 from router.config import DeployConfig
 from router.lora import AdapterLoader, AdapterPolicy
 from router.metrics import NO_METRICS
@@ -45,6 +45,8 @@ class Deployer:
         self._poll_task: asyncio.Task | None = None
         self._generation = -1
         self.metrics = NO_METRICS
+        self._pinned: set[str] = set()  # versions loaded on demand for pinned requests
+        self._pin_lock = asyncio.Lock()
 
     @contextlib.contextmanager
     def _observed(self, action: str, task: str):
@@ -231,11 +233,63 @@ class Deployer:
                     if g != self._generation:
                         self._generation = g
                         await self.reconcile()
+                    await self.unload_idle_pinned()
                 except Exception as exc:
                     log.error("registry poll failed: %s", exc)
 
         self._poll_task = asyncio.create_task(loop(), name="registry-poll")
         return self._poll_task
+
+    # ----------------------------------------------------------------------- pinned versions
+    async def load_pinned(self, name: str) -> None:
+        """A request pinned to `task@version` that is not loaded: load that registry version on demand (validated
+        like a deploy), within `deploy.pinned_max_loaded`; an unknown version stays NOT_FOUND."""
+        task, _, version = name.rpartition("@")
+        if not task or not version.isdigit():
+            return  # not a registry name: explicit_adapter reports NOT_FOUND with the loaded names
+        try:
+            validate_names(task, version)
+        except RouterError:
+            return
+        if self.cfg.pinned_max_loaded == 0:
+            raise FailedPrecondition(f"{name} is not loaded and this gateway loads no pinned versions on demand "
+                                     "(deploy.pinned_max_loaded=0): deploy it, or load it with `adapters load`")
+        async with self._pin_lock:
+            if name in self.table.loaded:
+                return
+            av = await self._io(self.registry.get, task, version)  # NotFound names the registry's versions
+            mine = [n for n in self._pinned if n in self.table.loaded and not self.table.in_use(n)]
+            if len(mine) >= self.cfg.pinned_max_loaded:
+                idle = sorted((self.table.loaded[n] for n in mine if self.table.loaded[n].in_flight == 0),
+                              key=lambda a: a.last_used)
+                if not idle:
+                    raise ResourceExhausted(f"{name} is not loaded and all {self.cfg.pinned_max_loaded} slots for "
+                                            "pinned versions are busy: retry shortly, or pin the task's production "
+                                            "version")
+                await self.loader.unload(idle[0].name)
+                self._pinned.discard(idle[0].name)
+            await self._validate(av)
+            await self.loader.load_registered(av.name, str(av.path), task=task, version=av.version)
+            self._pinned.add(av.name)
+            log.info("loaded pinned version %s on demand", av.name)
+
+    async def unload_idle_pinned(self) -> None:
+        """Unload versions loaded on demand that nobody used for `deploy.pinned_idle_s`."""
+        now = time.monotonic()
+        for name in list(self._pinned):
+            a = self.table.loaded.get(name)
+            if a is None:
+                self._pinned.discard(name)
+            elif self.table.in_use(name):
+                self._pinned.discard(name)  # deployed or canaried meanwhile: no longer on demand
+            elif a.in_flight == 0 and now - a.last_used >= self.cfg.pinned_idle_s:
+                async with self._pin_lock:
+                    try:
+                        await self.loader.unload(name)
+                        self._pinned.discard(name)
+                        log.info("unloaded pinned version %s (idle %.0f s)", name, now - a.last_used)
+                    except RouterError as exc:
+                        log.warning("unload of idle pinned version %s failed: %s", name, exc)
 
     async def stop(self) -> None:
         """Stop following the registry; wait for pending drain-then-unload tasks."""

@@ -140,7 +140,7 @@ def resolve_model(model, *, served_model: str, loaded: dict, routes: dict, tasks
         return "", ""
     if model == BASE or model == served_model or model == served_model.rstrip("/").rsplit("/", 1)[-1]:
         return BASE, ""
-    if model in loaded:
+    if model in loaded or "@" in model:  # a loaded adapter, or a registry version the gateway loads on demand
         return model, ""
     if model in tasks or model in routes:
         return "", model

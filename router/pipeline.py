@@ -137,11 +137,14 @@ class Pipeline:
         self.served_model = served_model
         self.managed = managed
         self.metrics = metrics
+        self.load_pinned = None  # async (name) -> None: the deployer's on-demand load of a pinned registry version
         self.in_flight = 0
 
     async def route(self, req, messages: list[dict]) -> tuple[Decision, float]:
         """(decision, classify_ms): an explicit adapter, a task override, or the classifier's call."""
         if req.adapter:
+            if req.adapter not in self.table.loaded and "@" in req.adapter and self.load_pinned is not None:
+                await self.load_pinned(req.adapter)  # a registered version, loaded on demand
             return explicit_adapter(self.table, req.adapter), 0.0
         known = self.classifier.tasks
         point = split_point(messages, req.client_id) if self.table.canaries else None

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+import time
 from dataclasses import dataclass, field
 
 from core.errors import InvalidArgument, NotFound, quoted
@@ -29,6 +30,7 @@ class LoadedAdapter:
     version: str = ""
     in_flight: int = 0
     idle: asyncio.Event = field(default_factory=asyncio.Event)
+    last_used: float = field(default_factory=time.monotonic)
 
     def __post_init__(self) -> None:
         self.idle.set()
@@ -96,6 +98,7 @@ class RoutingTable:
         a = self.loaded.get(name)
         if a is not None:
             a.in_flight += 1
+            a.last_used = time.monotonic()
             a.idle.clear()
 
     def release(self, name: str) -> None:

@@ -162,6 +162,7 @@ async def build(cfg: GatewayConfig, *, progress=print) -> Server:
                         metrics=metrics)
     deployer = Deployer(registry, loader, policy, cfg.deploy)
     loader.metrics = deployer.metrics = metrics
+    pipeline.load_pinned = deployer.load_pinned
     await deployer.restore()
 
     server = grpc.aio.server(interceptors=interceptors, options=[

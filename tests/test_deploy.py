@@ -180,3 +180,36 @@ def test_auth_scopes(gateway_factory, tmp_path):
         assert "admin" in e.value.details()
     with Client(gw.target, token="admin-token-0123456789abcdef-0123456789", timeout=60) as ops:
         ops.admin.ListAdapters(pb.ListAdaptersRequest(), metadata=ops.metadata, timeout=10)
+
+
+def test_pinned_version_loads_on_demand_and_unloads_when_idle(gateway_factory, model_dir, loras, tmp_path, poll):
+    """A request pinned to `code@1` still works after a deploy unloaded v1: the registry holds it, so the gateway
+    loads it on demand (validated like a deploy), within its slots, and unloads it when idle."""
+    reg = Registry(tmp_path / "registry")
+    fp = fingerprint(model_dir)
+    for i in (1, 2, 3):
+        reg.register("code", loras[i], base_model_id="HuggingFaceTB/SmolLM2-135M-Instruct", base_fingerprint=fp)
+    gw = gateway_factory({"registry": str(tmp_path / "registry"),
+                          "deploy": {"pinned_max_loaded": 1, "pinned_idle_s": 2, "registry_poll_s": 0.5}})
+    with Client(gw.target, timeout=300) as c:
+        deploy(c, "code", "1")
+        deploy(c, "code", "2")
+        poll(lambda: "code@1" not in loaded(c), timeout_s=60, what="v1 to be drained and unloaded")
+        r = c.generate(PROMPT, adapter="code@1", max_tokens=4, temperature=0)
+        assert r.adapter == "code@1" and r.route.reason == "adapter_override"
+        assert "code@1" in loaded(c)
+        r = c.generate(PROMPT, adapter="code@3", max_tokens=4, temperature=0)  # one slot: v1 (idle) makes room
+        assert r.adapter == "code@3" and "code@1" not in loaded(c)
+        assert c.generate(PROMPT, task="code", max_tokens=4).adapter == "code@2"  # production untouched
+        poll(lambda: "code@3" not in loaded(c), timeout_s=30, what="the idle pinned version to be unloaded")
+        assert "code@2" in loaded(c)
+        with pytest.raises(GatewayError) as e:
+            c.generate(PROMPT, adapter="code@9", max_tokens=4)
+        assert e.value.code == grpc.StatusCode.NOT_FOUND
+        # a registered version whose files changed on disk is refused, not loaded
+        victim = reg.get("code", "1").path / "adapter_config.json"
+        victim.chmod(0o644)
+        victim.write_text(victim.read_text().replace('"r": 8', '"r": 8 '))
+        with pytest.raises(GatewayError) as e:
+            c.generate(PROMPT, adapter="code@1", max_tokens=4)
+        assert e.value.code == grpc.StatusCode.FAILED_PRECONDITION and "code@1" not in loaded(c)
