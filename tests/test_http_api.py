@@ -215,3 +215,29 @@ def test_grafana_dashboard_uses_only_exported_series(gw, repo_root):
     used = {m for e in exprs for m in re.findall(r"\b(specialist_router_[a-z_]+)", e)}
     missing = {m for m in used if re.sub(r"_(total|bucket|count|sum)$", "", m) not in families}
     assert not missing, f"the dashboard queries series the gateway does not export: {sorted(missing)}"
+
+
+def test_json_log_lines_carry_the_request_id(capsys):
+    import logging
+
+    from router import logfmt
+    from router.grpc_errors import REQUEST_ID
+
+    root = logging.getLogger()
+    saved = (list(root.handlers), root.level)
+    try:
+        logfmt.setup("INFO", "json")
+        token = REQUEST_ID.set("abc123")
+        logging.getLogger("router.gateway").warning("backend %s is slow", "x")
+        REQUEST_ID.reset(token)
+        try:
+            raise ValueError("boom")
+        except ValueError:
+            logging.getLogger("router.http").exception("failed")
+        lines = [json.loads(line) for line in capsys.readouterr().err.strip().splitlines()]
+    finally:
+        root.handlers[:] = saved[0]
+        root.setLevel(saved[1])
+    assert lines[0]["message"] == "backend x is slow" and lines[0]["request_id"] == "abc123"
+    assert lines[0]["level"] == "WARNING" and lines[0]["logger"] == "router.gateway" and lines[0]["ts"].endswith("+00:00")
+    assert "request_id" not in lines[1] and "ValueError: boom" in lines[1]["exc"]
