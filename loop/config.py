@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from convlog.store import is_store_url
 from core import config, paths
 from core.config import setting as _s
 from core.envs import LOOP_PREFIX
@@ -21,7 +22,8 @@ class LoopConfig:
     tasks: list = _s([], "Tasks the loop manages; empty: every task with a registry folder or logged traffic, "
                          "except general (never routed to a specialist).")
     registry: str = _s("", "Adapter registry root (shared with the gateways); empty: <data dir>/adapters.")
-    db: str = _s("", "Log store the gateways write (SQLite file); empty: <data dir>/logs/router.sqlite3.")
+    db: str = _s("", "Log store the gateways write: a SQLite file or a postgresql:// URL; empty: "
+                     "<data dir>/logs/router.sqlite3.")
     state_dir: str = _s("", "Loop state (runs, pause flags, decisions); empty: <data dir>/loop.")
     poll_s: float = _s(30.0, "Seconds between two passes over the tasks.")
     # triggers
@@ -73,8 +75,15 @@ class LoopConfig:
     def registry_root(self) -> Path:
         return Path(self.registry).expanduser() if self.registry else paths.registry_dir()
 
-    def db_path(self) -> Path:
+    def db_path(self) -> Path | str:
+        """The log store: a SQLite file, or a `postgresql://` URL as the gateways' `logs.url`."""
+        if is_store_url(self.db):
+            return self.db
         return Path(self.db).expanduser() if self.db else paths.logs_db()
+
+    def db_exists(self) -> bool:
+        db = self.db_path()
+        return isinstance(db, str) or db.is_file()
 
     def state_path(self) -> Path:
         return Path(self.state_dir).expanduser() if self.state_dir else paths.data_dir() / "loop"

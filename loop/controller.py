@@ -127,7 +127,7 @@ class Controller:
         if self.cfg.tasks:
             return list(self.cfg.tasks)
         found = set(self.registry.tasks())
-        if self.cfg.db_path().is_file():
+        if self.cfg.db_exists():
             with open_store(self.cfg.db_path()) as store:
                 found |= set((store.stats().get("by_task") or {}).keys())
         return sorted(t for t in found if t and t != GENERAL)
@@ -186,7 +186,7 @@ class Controller:
         cfg = self.cfg
         if time.time() - float(st.get("last_run_at") or 0) < float(cfg.for_task(task, "min_interval_h")) * 3600:
             return ""
-        if not cfg.db_path().is_file():
+        if not cfg.db_exists():
             return ""
         cutoff = self._cutoff(task, st)
         need = int(cfg.for_task(task, "min_new_records"))

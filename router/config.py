@@ -67,6 +67,9 @@ class LogsConfig:
 
     enabled: bool = _s(True, "Write a log record for every Generate/GenerateStream.")
     path: str = _s("", "SQLite file; empty: <data dir>/logs/router.sqlite3.")
+    url: str = _s("", "PostgreSQL store instead of the SQLite file: postgresql://user@host:5432/db (password in the URL, "
+                      "PGPASSWORD or a pgpass file; `?pool_size=N` most connections, default 4). Empty: SQLite at "
+                      "`path`.")
     pii: str = _s("off", "PII policy applied before anything touches disk.", flag="--pii", choices=("off", "mask"))
     pii_patterns: list = _s([], "Extra regular expressions masked when pii=mask.")
 

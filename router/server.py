@@ -19,10 +19,10 @@ import basemodel
 import classifier as classifier_pkg
 from adapters.registry import Registry
 from convlog.pii import PiiPolicy
-from convlog.store import open_store
+from convlog.store import is_store_url, open_store
 from convlog.writer import AsyncLogWriter
 from core import paths
-from core.errors import FailedPrecondition, RouterError, Unavailable
+from core.errors import ConfigError, FailedPrecondition, RouterError, Unavailable
 from router import health as health_mod
 from router.admin import AdminServicer
 from router.auth import Authenticator, AuthInterceptor, load_tokens
@@ -101,7 +101,14 @@ def _load_classifier(cfg: GatewayConfig):
 def _log_writer(cfg: GatewayConfig) -> AsyncLogWriter | None:
     if not cfg.logs.enabled:
         return None
-    store = open_store(cfg.logs.path or None)
+    url = cfg.logs.url.strip()
+    if url and not is_store_url(url):
+        raise ConfigError(f"logs.url must be a postgresql:// URL (e.g. postgresql://router@db:5432/logs), got "
+                          f"{url.split('://')[0] + '://...' if '://' in url else 'a value without a scheme'}")
+    if url and cfg.logs.path:
+        raise ConfigError("logs.url and logs.path are both set: the log store is either PostgreSQL (url) or a SQLite "
+                          "file (path); unset one")
+    store = open_store(url or cfg.logs.path or None)
     return AsyncLogWriter(store, pii_policy=PiiPolicy(mode=cfg.logs.pii, extra_patterns=cfg.logs.pii_patterns))
 
 

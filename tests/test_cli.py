@@ -30,7 +30,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 # every command that offers --json, and the test below that runs it and parses its stdout
 JSON_COMMANDS = {
-    "logs stats", "logs export", "logs check", "logs purge", "logs forget", "logs import sharegpt",
+    "logs stats", "logs export", "logs check", "logs purge", "logs forget", "logs import sharegpt", "logs copy",
     "logs import-sharegpt", "logs import jsonl", "logs import hf",
     "adapters list", "adapters show", "adapters register", "adapters promote", "adapters validate",
     "adapters deploy", "adapters rollback", "adapters retire", "adapters loaded", "adapters load", "adapters unload",
@@ -524,3 +524,12 @@ def test_train_json_prints_only_the_report_and_trains_on_imported_jsonl(tmp_path
     assert set(report["gate"]["forgetting_by_task"]) == {"translation"}
     assert "[data] math:" in r.stderr  # progress and logs went to stderr
     assert json.loads((tmp_path / "run" / "report.json").read_text())["status"] == report["status"]
+
+
+def test_logs_copy_prints_only_json(tmp_path, postgres_server, capsys):
+    db = tmp_path / "db.sqlite3"
+    assert main(["logs", "import", "sharegpt", "--db", str(db), "--limit", "5", "--no-classify", "--json"]) == 0
+    capsys.readouterr()
+    out = _json(capsys, "logs", "copy", "--db", db, "--to", postgres_server.url(postgres_server.new_database()),
+                "--json")
+    assert out["records"] == out["records_copied"] > 0

@@ -1,4 +1,5 @@
-"""convlog: real SQLite in tmp_path, real ShareGPT data, real child processes. No mocks."""
+"""convlog: real SQLite in tmp_path and a real PostgreSQL server (session fixture), real ShareGPT data, real child
+processes. No mocks. Store tests run against both stores (`[sqlite]` / `[postgres]`)."""
 from __future__ import annotations
 
 import asyncio
@@ -33,11 +34,37 @@ def rec(i: int | str, **kw) -> LogRecord:
     return LogRecord(**base)
 
 
+@pytest.fixture(params=["sqlite", "postgres"])
+def db(request, tmp_path) -> str:
+    """Where a store lives: a SQLite file under tmp_path, or a fresh database on the session's PostgreSQL server."""
+    if request.param == "postgres":
+        return request.getfixturevalue("pg_url")
+    return str(tmp_path / "logs" / "router.sqlite3")
+
+
+def is_pg(store_or_db) -> bool:
+    return str(getattr(store_or_db, "path", store_or_db)).startswith("postgresql://")
+
+
 @pytest.fixture
-def store(tmp_path):
-    s = open_store(tmp_path / "logs" / "router.sqlite3")
+def store(db):
+    s = open_store(db)
     yield s
     s.close()
+
+
+def on_disk(store, request) -> bytes:
+    """Every byte the store has on disk: the SQLite file + WAL, or (PostgreSQL, after a CHECKPOINT) the database's
+    files and the server's WAL."""
+    if not is_pg(store):
+        wal = Path(store.path + "-wal")
+        return Path(store.path).read_bytes() + (wal.read_bytes() if wal.exists() else b"")
+    server = request.getfixturevalue("postgres_server")
+    dbname = store.path.rsplit("/", 1)[1]
+    server.execute("CHECKPOINT")
+    oid = server.execute(f"SELECT oid FROM pg_database WHERE datname = '{dbname}'")[0][0]
+    files = [p for d in (server.data / "base" / str(oid), server.data / "pg_wal") for p in d.rglob("*") if p.is_file()]
+    return b"".join(p.read_bytes() for p in files)
 
 
 # ------------------------------------------------------------------------------------------ store
@@ -49,18 +76,27 @@ def test_schema_round_trip_and_pragmas(store):
     assert store.get("req-1") == r
     assert store.get("nope") is None
     assert store.write_many([r]) == 0  # same id: ignored, never edited in place
-    conn = sqlite3.connect(store.path)
-    assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
-    assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
-    conn.close()
+    if is_pg(store):
+        from convlog import postgres_store
+
+        with store._pool.connection() as conn:  # what every write runs under
+            assert conn.execute("SHOW synchronous_commit").fetchone()[0] == "on"
+            assert conn.execute("SELECT MAX(version) FROM schema_version").fetchone()[0] == postgres_store.SCHEMA_VERSION
+            types = dict(conn.execute("SELECT column_name, data_type FROM information_schema.columns "
+                                      "WHERE table_name = 'records'").fetchall())
+        assert types["messages"] == "text" and types["created_at"] == "double precision" and types["stream"] == "boolean"
+    else:
+        conn = sqlite3.connect(store.path)
+        assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+        assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
+        conn.close()
     assert store.integrity_check() == []
 
 
-def test_reopen_keeps_data_and_migrates_once(tmp_path):
-    p = tmp_path / "db.sqlite3"
-    with open_store(p) as s:
+def test_reopen_keeps_data_and_migrates_once(db):
+    with open_store(db) as s:
         s.write_many([rec(1)])
-    with open_store(p) as s:
+    with open_store(db) as s:
         assert s.get("req-1") is not None
         assert s.integrity_check() == []
 
@@ -100,7 +136,7 @@ def test_feedback_not_found_invalid_and_idempotent(store):
     assert s["feedback"]["negative"] == 1 and s["by_task"] == {"code": 1}
 
 
-def test_retention_and_forget(store):
+def test_retention_and_forget(store, request):
     now = time.time()
     store.write_many([rec(1, created_at=now - 40 * 86400), rec(2, created_at=now - 10 * 86400, client_id="bob"),
                       rec(3, created_at=now, client_id="bob"), rec(4, created_at=now, client_id="")])
@@ -116,9 +152,9 @@ def test_retention_and_forget(store):
     assert [r.request_id for r in store.iter_records()] == ["req-4"]
     assert store.feedback_for(["req-3"]) == {}
     assert store.integrity_check() == []
-    raw = Path(store.path).read_bytes() + (Path(store.path + "-wal").read_bytes()
-                                           if Path(store.path + "-wal").exists() else b"")
-    assert b"bob's secret comment" not in raw  # secure_delete + WAL truncate: really gone
+    assert store.count_client("bob") == 0 and store.stats()["feedback"]["rows"] == 0
+    if not is_pg(store):  # PostgreSQL keeps deleted text in its WAL until recycled (docs/logs.md, Retention)
+        assert b"bob's secret comment" not in on_disk(store, request)  # secure_delete + WAL truncate: really gone
 
 
 def test_corrupt_database_is_a_clear_failed_precondition(tmp_path):
@@ -151,7 +187,7 @@ async def test_async_writer_500_concurrent_writes_group_commit(store):
         await writer.write(rec("late"))
 
 
-async def test_async_writer_applies_pii_before_disk(store):
+async def test_async_writer_applies_pii_before_disk(store, request):
     writer = AsyncLogWriter(store, pii_policy=PiiPolicy("mask"))
     await writer.write(rec(1, messages=[{"role": "user", "content": "mail me: jane@corp.example.com"}],
                            response_text="call +1 (415) 555-0134"))
@@ -160,7 +196,8 @@ async def test_async_writer_applies_pii_before_disk(store):
     r = store.get("req-1")
     assert r.messages[0]["content"] == "mail me: [EMAIL]" and r.response_text == "call [PHONE]"
     assert fb.correction == "my card [CARD]"
-    raw = Path(store.path).read_bytes() + Path(store.path + "-wal").read_bytes()
+    raw = on_disk(store, request)
+    assert b"mail me: [EMAIL]" in raw  # the record is there (masked), so the check reads the right files
     assert b"jane@corp" not in raw and b"4111 1111" not in raw
 
 
@@ -235,8 +272,7 @@ CHILD = textwrap.dedent("""
 """)
 
 
-def test_crash_durability_kill_9(tmp_path):
-    db = tmp_path / "crash.sqlite3"
+def test_crash_durability_kill_9(tmp_path, db):
     script = tmp_path / "child.py"
     script.write_text(CHILD)
     env = {**os.environ, "PYTHONPATH": str(REPO)}
@@ -254,10 +290,15 @@ def test_crash_durability_kill_9(tmp_path):
         rest = proc.stdout.read()  # acknowledged before the kill, still in the pipe
         proc.wait()
     printed += [ln for ln in rest.decode().split("\n")[:-1]]  # a cut last line is not an acknowledgement
-    conn = sqlite3.connect(db)
-    assert conn.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
-    stored = {r[0] for r in conn.execute("SELECT request_id FROM records")}
-    conn.close()
+    if is_pg(db):
+        with open_store(db) as s:
+            assert s.integrity_check() == []
+            stored = s.existing_ids(printed)
+    else:
+        conn = sqlite3.connect(db)
+        assert conn.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+        stored = {r[0] for r in conn.execute("SELECT request_id FROM records")}
+        conn.close()
     missing = [rid for rid in printed if rid not in stored]
     assert not missing, f"{len(missing)} acknowledged records lost, e.g. {missing[:3]}"
 
@@ -332,10 +373,9 @@ def _cli(*argv: str) -> int:
 
 
 @pytest.mark.parametrize("fmt", ["jsonl", "parquet"])
-def test_export_loadable_by_datasets(tmp_path, fmt, capsys):
+def test_export_loadable_by_datasets(tmp_path, db, fmt, capsys):
     import datasets
 
-    db = tmp_path / "db.sqlite3"
     with open_store(db) as s:
         s.write_many([rec(i, task="code" if i % 2 else "math", created_at=1_700_000_000.0 + i) for i in range(20)])
         s.write_many([rec("m", task="math", sampling={"seed": 7})])
@@ -353,8 +393,7 @@ def test_export_loadable_by_datasets(tmp_path, fmt, capsys):
     assert json.loads(row["sampling_json"]) == {"max_tokens": 64, "temperature": 0.2}
 
 
-def test_cli_stats_purge_forget_check(tmp_path, capsys):
-    db = tmp_path / "db.sqlite3"
+def test_cli_stats_purge_forget_check(tmp_path, db, capsys):
     with open_store(db) as s:
         s.write_many([rec(1, created_at=time.time() - 100 * 86400), rec(2, client_id="carol"), rec(3)])
     assert _cli("logs", "stats", "--db", str(db), "--json") == 0
@@ -367,19 +406,26 @@ def test_cli_stats_purge_forget_check(tmp_path, capsys):
     assert "ok" in capsys.readouterr().out.splitlines()[-1]
     with open_store(db) as s:
         assert [r.request_id for r in s.iter_records()] == ["req-3"]
+    if is_pg(db):  # a refused login: one line naming the server, never the password; status 2
+        user_host = db.split("://", 1)[1].split("@", 1)
+        bad = f"postgresql://{user_host[0].split(':')[0]}:not-the-password@{user_host[1]}"
+        assert _cli("logs", "check", "--db", bad) == 2
+        e = capsys.readouterr().err
+        assert "not-the-password" not in e and user_host[1] in e and len(e.strip().splitlines()) == 1
+        return
     bad = tmp_path / "bad.sqlite3"
     bad.write_bytes(b"\x00garbage" * 1000)
     assert _cli("logs", "check", "--db", str(bad)) == 2  # FailedPrecondition -> one line, status 2
     assert str(bad) in capsys.readouterr().err
 
 
-def test_import_sharegpt_idempotent(tmp_path):
+def test_import_sharegpt_idempotent(db):
     from convlog.sharegpt_import import import_sharegpt
 
     def classify(texts):
         return [("code" if "def " in t or "```" in t else "general", 0.5) for t in texts]
 
-    with open_store(tmp_path / "db.sqlite3") as s:
+    with open_store(db) as s:
         first = import_sharegpt(s, limit=300, classify=classify, progress=False, batch_size=128)
         assert first.seen == 300 and first.imported + first.skipped_invalid + first.skipped_duplicate == 300
         assert first.imported > 250
@@ -394,7 +440,7 @@ def test_import_sharegpt_idempotent(tmp_path):
         assert s.stats()["by_source"] == {"import": first.imported}
 
 
-def test_import_sharegpt_classifies_last_non_empty_user_turn(tmp_path):
+def test_import_sharegpt_classifies_last_non_empty_user_turn(db):
     # real ShareGPT has empty user turns; the classifier refuses empty text, so the last non-empty one is sent
     from convlog.sharegpt import Conversation
     from convlog.sharegpt_import import import_sharegpt
@@ -408,14 +454,13 @@ def test_import_sharegpt_classifies_last_non_empty_user_turn(tmp_path):
         seen.extend(texts)
         return [("code", 0.9) for _ in texts]
 
-    with open_store(tmp_path / "db.sqlite3") as s:
+    with open_store(db) as s:
         res = import_sharegpt(s, classify=classify, progress=False, conversations=[conv])
         assert res.imported == 1 and seen == ["fix my SQL"]
         assert s.get("sharegpt-x1").task == "code"
 
 
-def test_cli_import_without_classifier_flag(tmp_path, capsys):
-    db = tmp_path / "db.sqlite3"
+def test_cli_import_without_classifier_flag(db, capsys):
     assert _cli("logs", "import", "sharegpt", "--db", str(db), "--limit", "20", "--no-classify", "--no-progress",
                 "--json") == 0
     counts = json.loads(capsys.readouterr().out)

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from classifier import GENERAL
+from convlog.store import redact_url
 from core import config
 from core.config import setting as _f
 from core.envs import TRAIN_PREFIX
@@ -48,7 +49,8 @@ class TrainConfig:
     profile: str = _f("quick", "Step budget and shapes: quick (CPU, <= 20 min), standard, full (GPU).",
                       choices=("quick", "standard", "full"))
     # where
-    db: str = _f("", "Log store (SQLite file); empty: <data dir>/logs/router.sqlite3.")
+    db: str = _f("", "Log store: a SQLite file or a postgresql:// URL (the gateway's logs.url); empty: "
+                     "<data dir>/logs/router.sqlite3.")
     since: str = _f("", "Only logs created at/after this time (ISO 8601 like 2025-01-31T00:00 or unix seconds).")
     until: str = _f("", "Only logs created before this time (ISO 8601 or unix seconds).")
     sources: list = _f([], "Only these log sources (live, import); empty: all.")
@@ -165,7 +167,10 @@ class TrainConfig:
         return self.max_prompt_tokens or max(1, self.max_seq_len - self.min_completion_tokens)
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        """The settings as written to a run's config.json / report.json (a store URL without its password)."""
+        d = dataclasses.asdict(self)
+        d["db"] = redact_url(self.db)
+        return d
 
 
 def load(config_file: str | Path | None = None, overrides: dict | None = None) -> TrainConfig:

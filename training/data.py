@@ -18,7 +18,7 @@ from typing import Callable, Iterable
 
 from convlog.pii import PiiPolicy
 from convlog.schema import Feedback, LogRecord
-from convlog.store import open_store
+from convlog.store import is_store_url, open_store
 from core import paths
 from core.errors import FailedPrecondition, InvalidArgument
 
@@ -296,11 +296,15 @@ def _near_dedup(examples: list[Example], cfg) -> list[Example]:
 def load_logs(cfg, task: str | None = None) -> tuple[list[LogRecord], dict[str, list[Feedback]]]:
     """Read the task's records (time window applied by the store) and their feedback."""
     task = task or cfg.task
-    db = Path(cfg.db).expanduser() if cfg.db else paths.logs_db()
-    if not db.exists():
-        raise FailedPrecondition(f"log store {db} does not exist; pass --db with the gateway's log file "
-                                 "(logs.path) or import data with `specialist-router logs import`")
-    store = open_store(str(db))
+    if is_store_url(cfg.db):  # PostgreSQL: read-only, so a missing schema is an error, not an empty new store
+        store = open_store(cfg.db, read_only=True)
+    else:
+        db = Path(cfg.db).expanduser() if cfg.db else paths.logs_db()
+        if not db.exists():
+            raise FailedPrecondition(f"log store {db} does not exist; pass --db with the gateway's log file "
+                                     "(logs.path) or URL (logs.url), or import data with `specialist-router logs "
+                                     "import`")
+        store = open_store(str(db))
     try:
         source = cfg.sources[0] if len(cfg.sources or ()) == 1 else None
         recs = list(store.iter_records(task=task, since=parse_time(cfg.since, "since"),
