@@ -102,6 +102,27 @@ def test_general_is_refused_as_a_loop_task():
         LoopConfig(tasks=["general"]).validate()
 
 
+def test_a_person_moving_production_during_a_canary_wins(model_dir, make_lora, tmp_path):
+    reg = Registry(tmp_path / "registry")
+    fp = fingerprint(model_dir)
+    for seed in (31, 32, 33):
+        reg.register("code", make_lora(model_dir, tmp_path / f"l{seed}", seed=seed), base_model_id=SMOL,
+                     base_fingerprint=fp)
+    reg.set_alias("code", "production", "1")
+    reg.start_canary("code", "2", share=0.3, reason="test")
+    with open_store(tmp_path / "logs.sqlite3"):
+        pass
+    cfg = LoopConfig(tasks=["code"], db=str(tmp_path / "logs.sqlite3"), registry=str(tmp_path / "registry"),
+                     state_dir=str(tmp_path / "loop")).validate()
+    ctl = Controller(cfg, echo=lambda *a: None)
+    assert ctl.run_once() == []  # no traffic yet: the canary waits
+    reg.set_alias("code", "production", "3", reason="adapters deploy code 3 (a person)")
+    events = ctl.run_once()
+    assert [e["event"] for e in events] == ["canary_cancelled"]
+    assert reg.canary("code") is None and reg.aliases("code")["production"] == "3"
+    assert [h for h in reg.history("code") if h.get("alias") == "canary"][-1]["outcome"] == "cancelled"
+
+
 # ------------------------------------------------------------------------------------------ live canary
 @pytest.fixture(scope="module")
 def canary_setup(gateway_factory, model_dir, tmp_path_factory, make_lora):
