@@ -514,7 +514,7 @@ def test_train_json_prints_only_the_report_and_trains_on_imported_jsonl(tmp_path
              "--save-steps", 2, "--eval-steps", 1, "--set", "eval_max_records=4", "--set", "forgetting_max_records=2",
              "--set", "min_records=4", "--set", "min_eval_records=2", "--set", "eval_fraction=0.2",
              "--set", "warmup_ratio=0", "--set", "lr_scheduler=constant_with_warmup", "--learning-rate", "1e-3",
-             "--pii", "off", "--num-threads", 2)
+             "--pii", "off", "--num-threads", 2, "--report-to", "tensorboard")
     assert r.returncode in (0, 1), r.stderr[-3000:]
     report = json.loads(r.stdout)  # the whole stdout: one JSON document
     assert report["status"] in ("promoted", "rejected") and r.returncode == (0 if report["status"] == "promoted" else 1)
@@ -524,6 +524,7 @@ def test_train_json_prints_only_the_report_and_trains_on_imported_jsonl(tmp_path
     assert set(report["gate"]["forgetting_by_task"]) == {"translation"}
     assert "[data] math:" in r.stderr  # progress and logs went to stderr
     assert json.loads((tmp_path / "run" / "report.json").read_text())["status"] == report["status"]
+    assert list((tmp_path / "run").rglob("events.out.tfevents.*"))  # report_to=tensorboard wrote its event file
 
 
 def test_logs_copy_prints_only_json(tmp_path, postgres_server, capsys):
