@@ -230,12 +230,14 @@ class HttpApi:
 
     def _build(self) -> FastAPI:
         app = FastAPI(title="specialist-router", docs_url=None, redoc_url=None, openapi_url=None)
-        app.add_api_route("/v1/chat/completions", self.chat_completions, methods=["POST"])
-        app.add_api_route("/v1/models", self.models, methods=["GET"])
-        app.add_api_route("/v1/feedback", self.feedback, methods=["POST"])
-        app.add_api_route("/health", self.health_endpoint, methods=["GET"])
+        # plain Starlette routes: the handlers take the raw request, so FastAPI's per-request dependency and
+        # validation machinery would only add latency (measured in docs/benchmarks.md, section 8)
+        app.add_route("/v1/chat/completions", self.chat_completions, methods=["POST"])
+        app.add_route("/v1/models", self.models, methods=["GET"])
+        app.add_route("/v1/feedback", self.feedback, methods=["POST"])
+        app.add_route("/health", self.health_endpoint, methods=["GET"])
         if self.metrics.enabled:
-            app.add_api_route("/metrics", self.metrics_endpoint, methods=["GET"])
+            app.add_route("/metrics", self.metrics_endpoint, methods=["GET"])
 
         @app.exception_handler(StarletteHTTPException)
         async def http_error(request, exc):  # unknown path, wrong method: OpenAI's error shape too
