@@ -8,8 +8,10 @@
     logs purge --older-than-days N [--dry-run] [--yes]
     logs forget --client-id ID [--dry-run] [--yes]
     logs check
+    logs copy --to postgresql://... [--batch-size N]  copy a SQLite log (records + feedback) into PostgreSQL
 
-Every command takes `--db PATH` (default: `core.paths.logs_db()`) and `--json` (only JSON on stdout).
+Every command takes `--db PATH` (a SQLite file, default `core.paths.logs_db()`, or a postgresql:// URL) and `--json`
+(only JSON on stdout).
 Imports classify rows without a task label with the default classifier (built on first use) unless
 --no-classify. purge and forget ask before deleting; without a terminal they need --yes. Each is a
 `main(args) -> int`.
@@ -19,6 +21,7 @@ from __future__ import annotations
 import argparse
 import datetime as _dt
 import sys
+import time
 from pathlib import Path
 
 from rich.console import Console
@@ -30,7 +33,7 @@ from convlog.dataset_import import BadRows, read_hf, read_jsonl, write_rows
 from convlog.export import rows, write_export
 from convlog.pii import PiiPolicy
 from convlog.sharegpt_import import Classify, import_sharegpt
-from convlog.store import LogWriteError, open_store
+from convlog.store import LogWriteError, is_store_url, open_store
 from core.errors import FailedPrecondition, InvalidArgument
 from core.paths import logs_db
 
@@ -54,7 +57,7 @@ def load_classifier(path: str | None = None) -> Classify:
 
 
 def _open(args, *, read_only: bool | None = None):
-    if read_only:
+    if read_only and not is_store_url(args.db):
         p = Path(args.db) if args.db else logs_db()
         if not p.exists():
             raise FailedPrecondition(f"no log database at {p} (nothing logged yet, or pass --db PATH)")
@@ -221,6 +224,56 @@ def check_main(args) -> int:
     return 0
 
 
+def copy_main(args) -> int:
+    """`logs copy --to URL`: every record of `--db` with its feedback, batch by batch, each batch ONE transaction
+    (a record never lands without its feedback); ids already in the target are skipped, so a re-run (after an
+    interruption, or to catch up with a live source) copies only what is new."""
+    if not is_store_url(args.to):
+        raise InvalidArgument("--to must be a postgresql:// URL (e.g. postgresql://router@db-host:5432/logs); the "
+                              "target of a copy is the PostgreSQL log store")
+    if args.batch_size < 1:
+        raise InvalidArgument(f"--batch-size must be >= 1, got {args.batch_size}")
+    if args.db and is_store_url(args.db) and args.db.strip() == args.to.strip():
+        raise InvalidArgument("--db and --to name the same store")
+    t0 = last = time.monotonic()  # progress every 2 s on stderr (a small copy prints none)
+    counts = {"records": 0, "records_copied": 0, "feedback": 0, "feedback_copied": 0, "batches": 0}
+    with _open(args, read_only=True) as src, open_store(args.to) as dst:
+        batch: list = []
+
+        def flush() -> None:
+            nonlocal last
+            fb = src.feedback_for(r.request_id for r in batch)
+            rows = [f for r in batch for f in fb.get(r.request_id, [])]
+            n, n_fb = dst.write_copies(batch, rows)
+            counts["records"] += len(batch)
+            counts["records_copied"] += n
+            counts["feedback"] += len(rows)
+            counts["feedback_copied"] += n_fb
+            counts["batches"] += 1
+            batch.clear()
+            if time.monotonic() - last >= 2.0:
+                last = time.monotonic()
+                err(f"[copy] {counts['records']:,} records read, {counts['records_copied']:,} copied")
+
+        for rec in src.iter_records():
+            batch.append(rec)
+            if len(batch) >= args.batch_size:
+                flush()
+        if batch:
+            flush()
+        data = {"from": src.path, "to": dst.path, **counts,
+                "records_present": counts["records"] - counts["records_copied"],
+                "feedback_present": counts["feedback"] - counts["feedback_copied"],
+                "seconds": round(time.monotonic() - t0, 2)}
+    if args.json:
+        emit_json(args, data)
+    else:
+        print(f"copied {data['records_copied']:,} of {data['records']:,} records ({data['records_present']:,} already "
+              f"there) and {data['feedback_copied']:,} of {data['feedback']:,} feedback rows from {data['from']} to "
+              f"{data['to']} in {data['seconds']:.1f} s")
+    return 0
+
+
 def _guard(fn):
     """--json discipline (cli.output) + write failures (read-only store, full disk) -> one line, exit status 1."""
     fn = json_command(fn)
@@ -258,7 +311,8 @@ def add_commands(subparsers) -> None:
     sub = logs.add_subparsers(dest="logs_command", metavar="LOGS_COMMAND")
     sub.required = True
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--db", default=None, help="SQLite log database (default: <data dir>/logs/router.sqlite3)")
+    common.add_argument("--db", default=None, help="log store: a SQLite file (default: <data dir>/logs/router.sqlite3) "
+                                                   "or a postgresql:// URL")
     js = argparse.ArgumentParser(add_help=False)
     js.add_argument("--json", action="store_true", help="print only JSON on stdout")
 
@@ -316,5 +370,14 @@ def add_commands(subparsers) -> None:
         p.add_argument("--yes", "-y", action="store_true", help="do not ask for confirmation (needed without a "
                                                                 "terminal)")
 
-    p = sub.add_parser("check", parents=[common, js], help="SQLite integrity + foreign-key + schema version check.")
+    p = sub.add_parser("check", parents=[common, js], help="Integrity + foreign-key + schema version check (SQLite or "
+                                                           "PostgreSQL).")
     p.set_defaults(func=_guard(check_main))
+
+    p = sub.add_parser("copy", parents=[common, js], help="Copy a log store (records + feedback) into PostgreSQL; "
+                                                          "idempotent, re-runs copy only what is new.",
+                       description=copy_main.__doc__)
+    p.add_argument("--to", required=True, metavar="URL", help="target: postgresql://user@host:5432/db (password in "
+                                                              "the URL, PGPASSWORD or a pgpass file)")
+    p.add_argument("--batch-size", type=int, default=1000, help="records per transaction (default 1000)")
+    p.set_defaults(func=_guard(copy_main))
