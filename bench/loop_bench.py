@@ -6,7 +6,7 @@
    the candidate answered (users who saw its answers), failed requests.
 2. `--promotion`: real ShareGPT conversations imported into an empty log store; the loop (as its own process, the
    `quick` profile unless `--set` overrides) triggers a training run, the candidate passes the gate, goes into a
-   canary at share 1.0 and is promoted once `--min-samples` live requests are judged. Reported: seconds from the
+   canary at `--share` and is promoted once `--min-samples` live requests of each arm are judged. Reported: seconds from the
    trigger to the canary start (training + gate) and to the promotion.
 """
 from __future__ import annotations
@@ -106,7 +106,7 @@ def promotion(args, work: Path, url: str, model: str, api_key: str) -> dict:
     cfg = work / "config.yaml"
     cfg.write_text(json.dumps({"loop": {
         "tasks": ["code"], "db": str(db), "registry": str(work / "registry"), "state_dir": str(work / "loop"),
-        "poll_s": 2, "min_new_records": 50, "min_interval_h": 0, "canary_share": 1.0,
+        "poll_s": 2, "min_new_records": 50, "min_interval_h": 0, "canary_share": args.share,
         "min_samples": args.min_samples, "profile": "quick",
         "train_set": [f"base_model={model}", *args.set]}}))
     loop = asyncio.new_event_loop()
@@ -146,7 +146,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--rollback", action="store_true")
     p.add_argument("--promotion", action="store_true")
-    p.add_argument("--share", type=float, default=0.2, help="canary share for --rollback (the default config's)")
+    p.add_argument("--share", type=float, default=0.2, help="canary share (the loop's default)")
     p.add_argument("--max-requests", type=int, default=300)
     p.add_argument("--max-tokens", type=int, default=64)
     p.add_argument("--conversations", type=int, default=3000, help="ShareGPT conversations imported (--promotion)")

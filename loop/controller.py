@@ -293,10 +293,23 @@ class Controller:
             records = list(store.iter_records(task=task, since=float(canary["started_at"])))
             fb = store.feedback_for([r.request_id for r in records]) if records else {}
         c, p = judge_mod.collect(records, fb, cand_name, prod_name)
+        control = "concurrent"
+        if p.n < self.cfg.min_samples:
+            # too little production traffic in the window (a high share): production's own live answers to the
+            # task from before the canary are the control instead
+            start = float(canary["started_at"])
+            with open_store(self.cfg.db_path()) as store:
+                before = [r for r in store.iter_records(task=task, since=start - self.cfg.max_hours * 3600,
+                                                        until=start, source="live")]
+                fb_before = store.feedback_for([r.request_id for r in before]) if before else {}
+            _, hist = judge_mod.collect(before, fb_before, cand_name, prod_name)
+            if hist.n > p.n:
+                p, control = hist, f"historical ({self.cfg.max_hours:g} h before the canary)"
         rule = judge_mod.Rule(min_samples=self.cfg.min_samples, min_rollback=self.cfg.min_rollback,
                               margin=self.cfg.margin, confidence=self.cfg.confidence,
                               max_latency_ratio=self.cfg.max_latency_ratio, max_hours=self.cfg.max_hours)
         v = judge_mod.judge(c, p, rule, age_hours=(time.time() - float(canary["started_at"])) / 3600)
+        v.production["control"] = control
         if v.decision == "wait":
             self._task_state(task)["last"] = {"time": time.time(), "task": task, "event": "canary_waiting",
                                               "reason": v.rule, "evidence": v.evidence()}
