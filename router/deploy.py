@@ -22,7 +22,7 @@ from pathlib import Path
 
 from adapters.registry import Registry
 from adapters.validation import validate_names
-from core.errors import FailedPrecondition, NotFound, ResourceExhausted, RouterError
+from core.errors import FailedPrecondition, NotFound, ResourceExhausted, RouterError, quoted
 from router.config import DeployConfig
 from router.lora import AdapterLoader, AdapterPolicy
 from router.metrics import NO_METRICS
@@ -46,6 +46,7 @@ class Deployer:
         self._generation = -1
         self.metrics = NO_METRICS
         self._pinned: set[str] = set()  # versions loaded on demand for pinned requests
+        self._canary_retry: set[str] = set()  # tasks whose canary could not be applied yet
         self._pin_lock = asyncio.Lock()
 
     @contextlib.contextmanager
@@ -202,7 +203,10 @@ class Deployer:
             if have is not None and have.adapter != av.name:
                 self._drain_then_unload(have.adapter)
         except Exception as exc:  # noqa: BLE001 - a canary that cannot start leaves production serving everything
-            log.error("canary of task %s could not be applied: %s", task, exc)
+            self._canary_retry.add(task)  # tried again at the next registry poll
+            log.error("canary of task %s could not be applied (retrying at the next poll): %s", task, exc)
+        else:
+            self._canary_retry.discard(task)
 
     async def reconcile(self) -> None:
         """Follow alias moves made by another process/replica."""
@@ -233,6 +237,8 @@ class Deployer:
                     if g != self._generation:
                         self._generation = g
                         await self.reconcile()
+                    for task in list(self._canary_retry):
+                        await self.sync_canary(task)
                     await self.unload_idle_pinned()
                 except Exception as exc:
                     log.error("registry poll failed: %s", exc)
@@ -257,7 +263,12 @@ class Deployer:
         async with self._pin_lock:
             if name in self.table.loaded:
                 return
-            av = await self._io(self.registry.get, task, version)  # NotFound names the registry's versions
+            try:
+                av = await self._io(self.registry.get, task, version)
+            except NotFound as exc:
+                raise NotFound(f"adapter {quoted(name)} is not loaded, and the registry has no such version to load "
+                               f"on demand ({exc}); `specialist-router adapters list` shows the registered "
+                               "versions") from None
             mine = [n for n in self._pinned if n in self.table.loaded and not self.table.in_use(n)]
             if len(mine) >= self.cfg.pinned_max_loaded:
                 idle = sorted((self.table.loaded[n] for n in mine if self.table.loaded[n].in_flight == 0),

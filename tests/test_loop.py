@@ -22,6 +22,7 @@ from loop.controller import Controller, set_paused
 from router.client import Client
 
 SMOL = "HuggingFaceTB/SmolLM2-135M-Instruct"
+CT = "canarycode"  # a task name no other test registers: the session vLLM is shared
 
 
 # ------------------------------------------------------------------------------------------ the rule itself
@@ -131,9 +132,9 @@ def canary_setup(gateway_factory, model_dir, tmp_path_factory, make_lora):
     fp = fingerprint(model_dir)
     good = make_lora(model_dir, d / "good", seed=21, lora_alpha=1)  # scale 1/8: answers like the base model
     broken = make_lora(model_dir, d / "broken", seed=22, lora_alpha=2048)  # scale 256: garbage
-    reg.register("code", good, base_model_id=SMOL, base_fingerprint=fp)
-    reg.register("code", broken, base_model_id=SMOL, base_fingerprint=fp)
-    reg.set_alias("code", "production", "1", reason="test setup")
+    reg.register(CT, good, base_model_id=SMOL, base_fingerprint=fp)
+    reg.register(CT, broken, base_model_id=SMOL, base_fingerprint=fp)
+    reg.set_alias(CT, "production", "1", reason="test setup")
     o = {"registry": str(d / "registry"), "deploy": {"registry_poll_s": 0.2},
          "logs": {"enabled": True, "path": str(d / "logs.sqlite3")}}
     gws = [gateway_factory(o), gateway_factory(o)]  # two replicas sharing one registry (and here one log)
@@ -142,25 +143,25 @@ def canary_setup(gateway_factory, model_dir, tmp_path_factory, make_lora):
 
 def test_two_gateways_apply_the_same_split_and_a_broken_candidate_is_rolled_back(canary_setup, poll, capsys):
     d, reg, gws = canary_setup
-    reg.start_canary("code", "2", share=0.5, reason="test: broken candidate")
+    reg.start_canary(CT, "2", share=0.5, reason="test: broken candidate")
     for g in gws:
-        poll(lambda g=g: "code" in g.server.table.canaries, timeout_s=120, what="the gateway to apply the canary")
+        poll(lambda g=g: CT in g.server.table.canaries, timeout_s=120, what="the gateway to apply the canary")
     prompts = [p for p in first_turn_prompts(200, max_chars=300)][:60]
     clients = [Client(g.target, timeout=300) for g in gws]
     try:
         # the split is the same on both replicas (a hash of the request), and a retry lands on the same version
         for p in prompts[:6]:
-            picks = {c.generate(p, task="code", max_tokens=4).adapter for c in clients for _ in range(2)}
+            picks = {c.generate(p, task=CT, max_tokens=4).adapter for c in clients for _ in range(2)}
             assert len(picks) == 1, picks
-        cfg = LoopConfig(tasks=["code"], db=str(d / "logs.sqlite3"), registry=str(d / "registry"),
+        cfg = LoopConfig(tasks=[CT], db=str(d / "logs.sqlite3"), registry=str(d / "registry"),
                          state_dir=str(d / "loop"), min_samples=30, min_rollback=5).validate()
         ctl = Controller(cfg, echo=lambda *a: None)
         sent = failed = served_by_canary = 0
         outcome = None
         for i, p in enumerate(prompts[6:]):
             try:
-                r = clients[i % 2].generate(p, task="code", max_tokens=48, temperature=0)
-                served_by_canary += r.adapter == "code@2"
+                r = clients[i % 2].generate(p, task=CT, max_tokens=48, temperature=0)
+                served_by_canary += r.adapter == f"{CT}@2"
                 assert r.route.reason in ("canary", "task_override")
             except Exception:
                 failed += 1
@@ -175,22 +176,22 @@ def test_two_gateways_apply_the_same_split_and_a_broken_candidate_is_rolled_back
             c.close()
     assert outcome is not None and outcome["event"] == "canary_rolled_back", (sent, served_by_canary, outcome)
     assert failed == 0 and sent <= 50
-    assert reg.aliases("code")["production"] == "1" and reg.canary("code") is None
-    last = [h for h in reg.history("code") if h.get("alias") == "canary"][-1]
+    assert reg.aliases(CT)["production"] == "1" and reg.canary(CT) is None
+    last = [h for h in reg.history(CT) if h.get("alias") == "canary"][-1]
     ev = last["evidence"]
     assert last["outcome"] == "rolled_back" and "clearly worse" in last["reason"]
     assert ev["candidate"]["requests"] >= 5 and ev["candidate"]["degenerate"] >= 1 and ev["p_worse"] >= 0.95
     assert ev["candidate"]["bad_rate"] > ev["production"]["bad_rate"]
     for g in gws:
-        poll(lambda g=g: "code" not in g.server.table.canaries, timeout_s=60, what="the canary to end in the gateway")
+        poll(lambda g=g: CT not in g.server.table.canaries, timeout_s=60, what="the canary to end in the gateway")
     with Client(gws[0].target, timeout=300) as c:
-        assert {c.generate(p, task="code", max_tokens=1).adapter for p in prompts[:8]} == {"code@1"}
-    st = ctl.status()["tasks"]["code"]
+        assert {c.generate(p, task=CT, max_tokens=1).adapter for p in prompts[:8]} == {f"{CT}@1"}
+    st = ctl.status()["tasks"][CT]
     assert st["last"]["event"] == "canary_rolled_back" and st["production"] == "1"
     from cli import main
 
     capsys.readouterr()
-    assert main(["adapters", "show", "code", "--registry", str(d / "registry")]) == 0
+    assert main(["adapters", "show", CT, "--registry", str(d / "registry")]) == 0
     out = capsys.readouterr().out  # the history says why (a table: long cells wrap)
     assert "[rolled_back]" in out and "clearly" in out and "P(worse)" in out
 
