@@ -12,6 +12,7 @@ import json
 from pathlib import Path
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 import basemodel
@@ -106,7 +107,7 @@ def show_main(args) -> int:
     if not args.json:
         con.print(_table(f"{args.task} alias history", ["time", "alias", "from", "to", "actor", "reason"],
                          [[h.get("time"), h.get("alias"), h.get("from") or "-", h.get("to") or "-", h.get("actor"),
-                           _why(h)] for h in history]))
+                           escape(_why(h))] for h in history]))
     return 0
 
 
@@ -115,7 +116,7 @@ def _why(h: dict) -> str:
     why = str(h.get("reason") or "")
     ev = h.get("evidence") or {}
     if h.get("outcome"):
-        why = f"[{h['outcome']}] {why}"
+        why = f"{h['outcome']}: {why}"
     if ev.get("candidate"):
         c, p = ev["candidate"], ev.get("production") or {}
         why += (f" | candidate {c.get('bad')}/{c.get('requests')} bad, production {p.get('bad')}/{p.get('requests')} "
