@@ -56,6 +56,25 @@ def to_timestamp(value: TimeLike, *, end_of_day: bool = False) -> float | None:
         return _dt.datetime(d.year, d.month, d.day, tzinfo=_dt.timezone.utc).timestamp()
     raise InvalidArgument(f"invalid time value {value!r}")
 
+def record_filter(since: TimeLike, until: TimeLike, *, placeholder: str, quote: str = "",
+                  **equal) -> tuple[str, list]:
+    """The WHERE clause (with its leading " WHERE ", or "") and parameters of `iter_records`, for either SQL
+    dialect: `placeholder` is "?" (SQLite) or "%s" (psycopg); `equal` are column = value filters, None skipped."""
+    where, params = [], []
+    lo, hi = to_timestamp(since), to_timestamp(until, end_of_day=True)
+    if lo is not None:
+        where.append(f"created_at >= {placeholder}")
+        params.append(lo)
+    if hi is not None:
+        where.append(f"created_at < {placeholder}")
+        params.append(hi)
+    for col, val in equal.items():
+        if val is not None:
+            where.append(f"{quote}{col}{quote} = {placeholder}")
+            params.append(val)
+    return (" WHERE " + " AND ".join(where) if where else ""), params
+
+
 
 def feedback_idempotency_key(rating: int, correction: str, comment: str) -> str:
     """Hash of the feedback's content: a retried SubmitFeedback with the same content is the same row."""

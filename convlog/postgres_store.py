@@ -43,7 +43,7 @@ import psycopg
 from psycopg import conninfo as _conninfo
 from psycopg_pool import ConnectionPool, PoolTimeout
 
-from convlog.base import LogStore, LogWriteError, TimeLike, to_timestamp
+from convlog.base import LogStore, LogWriteError, TimeLike, record_filter
 from convlog.schema import Feedback, LogRecord
 from convlog.sqlite_store import _client, _cutoff, _feedback_key
 from core.errors import FailedPrecondition, InvalidArgument, NotFound, Unavailable
@@ -472,22 +472,9 @@ class PostgresLogStore(LogStore):
                      source: str | None = None, status: str | None = None,
                      client_id: str | None = None) -> Iterator[LogRecord]:
         self._check_open()
-        where, params = [], []
-        lo, hi = to_timestamp(since), to_timestamp(until, end_of_day=True)
-        if lo is not None:
-            where.append("created_at >= %s")
-            params.append(lo)
-        if hi is not None:
-            where.append("created_at < %s")
-            params.append(hi)
-        for col, val in (("task", task), ("source", source), ("status", status), ("client_id", client_id)):
-            if val is not None:
-                where.append(f'"{col}" = %s')
-                params.append(val)
-        sql = f"SELECT {_COLS} FROM records"
-        if where:
-            sql += " WHERE " + " AND ".join(where)
-        sql += ' ORDER BY created_at, request_id COLLATE "C"'
+        where, params = record_filter(since, until, placeholder="%s", quote='"', task=task, source=source,
+                                      status=status, client_id=client_id)
+        sql = f"SELECT {_COLS} FROM records" + where + ' ORDER BY created_at, request_id COLLATE "C"'
         return self._stream(sql, params)
 
     def _stream(self, sql: str, params: list) -> Iterator[LogRecord]:

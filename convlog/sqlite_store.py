@@ -28,7 +28,7 @@ import time
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
-from convlog.base import LogStore, LogWriteError, TimeLike, feedback_idempotency_key, to_timestamp
+from convlog.base import LogStore, LogWriteError, TimeLike, feedback_idempotency_key, record_filter
 from convlog.schema import Feedback, LogRecord
 from core.errors import FailedPrecondition, InvalidArgument, NotFound
 
@@ -350,22 +350,9 @@ class SQLiteLogStore(LogStore):
                      source: str | None = None, status: str | None = None,
                      client_id: str | None = None) -> Iterator[LogRecord]:
         self._check_open()
-        where, params = [], []
-        lo, hi = to_timestamp(since), to_timestamp(until, end_of_day=True)
-        if lo is not None:
-            where.append("created_at >= ?")
-            params.append(lo)
-        if hi is not None:
-            where.append("created_at < ?")
-            params.append(hi)
-        for col, val in (("task", task), ("source", source), ("status", status), ("client_id", client_id)):
-            if val is not None:
-                where.append(f"{col} = ?")
-                params.append(val)
-        sql = f"SELECT {', '.join(_RECORD_COLUMNS)} FROM records"
-        if where:
-            sql += " WHERE " + " AND ".join(where)
-        sql += " ORDER BY created_at, request_id"
+        where, params = record_filter(since, until, placeholder="?", task=task, source=source,
+                                      status=status, client_id=client_id)
+        sql = f"SELECT {', '.join(_RECORD_COLUMNS)} FROM records" + where + " ORDER BY created_at, request_id"
         conn = self._connect(read_only=True)  # its own snapshot; never holds the write lock
         try:
             cur = conn.execute(sql, params)
