@@ -227,13 +227,21 @@ def retire_main(args) -> int:
 def loaded_main(args) -> int:
     with client_from(args) as c:
         r = c.list_adapters(timeout=args.timeout)
-    data = {"adapters": [dataclasses.asdict(a) for a in r.loaded], "routes": r.routes}
-    table = _table(f"adapters loaded in {args.gateway}", ["name", "task", "version", "routed", "in flight", "path"],
-                   [[a.name, a.task, a.version, "yes" if a.routed else "no", a.in_flight, a.path] for a in r.loaded])
+    data = {"adapters": [dataclasses.asdict(a) for a in r.loaded], "routes": r.routes,
+            "replicas": [dataclasses.asdict(x) for x in r.replicas]}
+    table = _table(f"adapters loaded in {args.gateway}",
+                   ["name", "task", "version", "routed", "in flight", "replicas", "path"],
+                   [[a.name, a.task, a.version, "yes" if a.routed else "no", a.in_flight, ",".join(a.replicas) or "-",
+                     a.path] for a in r.loaded])
     _emit(args, data, table)
     if not args.json:
         routes = ", ".join(f"{t} -> {a}" for t, a in sorted(r.routes.items())) or "none (the base model answers all)"
         print(f"routes: {routes}")
+        for x in r.replicas:
+            state = "up" if x.up else f"DOWN ({x.last_error or 'not answering'})"
+            print(f"replica {x.name} {x.url}: {state}, {x.in_flight} in flight, holds "
+                  f"{', '.join(x.adapters) or 'no adapter'} ({x.loads} loads, {x.unloads} unloads, "
+                  f"{x.failovers} failovers, {x.restarts} restarts)")
     return 0
 
 
@@ -329,7 +337,7 @@ def add_commands(subparsers) -> None:
     s.add_argument("task")
     s.set_defaults(func=retire_main)
 
-    s = sub.add_parser("loaded", parents=[common, gw], help="gateway: adapters loaded in the backend and the routes")
+    s = sub.add_parser("loaded", parents=[common, gw], help="gateway: adapters it serves, which vLLM replica holds each, the routes")
     s.set_defaults(func=loaded_main)
 
     s = sub.add_parser("load", parents=[common, gw],

@@ -8,6 +8,7 @@ from router.classify import TaskClassifier
 from router.deploy import Deployer
 from router.grpc_errors import maps_errors
 from router.lora import AdapterLoader, AdapterPolicy
+from router.replicas import ReplicaSet
 from router.routing import LoadedAdapter, RoutingTable
 from router.v1 import router_pb2 as pb
 from router.v1 import router_pb2_grpc as pbg
@@ -15,9 +16,9 @@ from router.v1 import router_pb2_grpc as pbg
 ADAPTER_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.@-]{0,99}$")
 
 
-def adapter_info(a: LoadedAdapter, table: RoutingTable) -> pb.AdapterInfo:
+def adapter_info(a: LoadedAdapter, table: RoutingTable, backend: ReplicaSet) -> pb.AdapterInfo:
     return pb.AdapterInfo(name=a.name, path=a.path, task=a.task, version=a.version,
-                          routed=a.name in table.routes.values(), in_flight=a.in_flight)
+                          routed=a.name in table.routes.values(), in_flight=a.in_flight, replicas=backend.holders(a.name))
 
 
 class AdminServicer(pbg.AdminServiceServicer):
@@ -36,9 +37,10 @@ class AdminServicer(pbg.AdminServiceServicer):
 
     @maps_errors
     async def ListAdapters(self, request, context):
-        t = self.table
-        return pb.ListAdaptersResponse(adapters=[adapter_info(a, t) for a in t.loaded.values()],
-                                       routes=[pb.RouteEntry(task=k, adapter=v) for k, v in sorted(t.routes.items())])
+        t, b = self.table, self.loader.backend
+        return pb.ListAdaptersResponse(adapters=[adapter_info(a, t, b) for a in t.loaded.values()],
+                                       routes=[pb.RouteEntry(task=k, adapter=v) for k, v in sorted(t.routes.items())],
+                                       replicas=[pb.ReplicaInfo(**r.describe()) for r in b.replicas])
 
     @maps_errors
     async def LoadAdapter(self, request, context):
@@ -50,7 +52,7 @@ class AdminServicer(pbg.AdminServiceServicer):
         self.policy.check_path(request.path)  # before anything looks at the folder
         await self.policy.validate(request.path)  # the same checks as a deploy
         a = await self.loader.load(request.name, request.path)
-        return pb.LoadAdapterResponse(adapter=adapter_info(a, self.table))
+        return pb.LoadAdapterResponse(adapter=adapter_info(a, self.table, self.loader.backend))
 
     @maps_errors
     async def UnloadAdapter(self, request, context):

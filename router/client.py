@@ -175,7 +175,8 @@ class _Base:
                 lambda r: r
         if name == "list_adapters":
             return self.admin.ListAdapters, pb.ListAdaptersRequest(), \
-                lambda r: types.Adapters([types.adapter(a) for a in r.adapters], {e.task: e.adapter for e in r.routes})
+                lambda r: types.Adapters([types.adapter(a) for a in r.adapters], {e.task: e.adapter for e in r.routes},
+                                         [types.replica(x) for x in r.replicas])
         if name == "load_adapter":
             return self.admin.LoadAdapter, pb.LoadAdapterRequest(name=args[0], path=args[1]), \
                 lambda r: types.adapter(r.adapter)

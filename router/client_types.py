@@ -79,12 +79,28 @@ class AdapterInfo:
     version: str
     routed: bool  # some task's requests go to it
     in_flight: int
+    replicas: list[str] = field(default_factory=list)  # the vLLM replicas holding it now ("r0", ...)
+
+
+@dataclass(frozen=True)
+class ReplicaInfo:
+    name: str  # r0, r1, ... in the order of backend.urls (or of the managed replicas)
+    url: str
+    up: bool  # answers /health and holds its adapters: takes requests
+    in_flight: int
+    adapters: list[str]
+    loads: int
+    unloads: int
+    failovers: int  # requests moved away before their first token
+    restarts: int
+    last_error: str
 
 
 @dataclass(frozen=True)
 class Adapters:
     loaded: list[AdapterInfo]
     routes: dict[str, str]  # task -> adapter name
+    replicas: list[ReplicaInfo] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -106,7 +122,12 @@ class ClassifierInfo:
 
 
 def adapter(a: pb.AdapterInfo) -> AdapterInfo:
-    return AdapterInfo(a.name, a.path, a.task, a.version, a.routed, a.in_flight)
+    return AdapterInfo(a.name, a.path, a.task, a.version, a.routed, a.in_flight, list(a.replicas))
+
+
+def replica(r: pb.ReplicaInfo) -> ReplicaInfo:
+    return ReplicaInfo(r.name, r.url, r.up, r.in_flight, list(r.adapters), r.loads, r.unloads, r.failovers, r.restarts,
+                       r.last_error)
 
 
 def result(r: pb.GenerateResponse) -> Result:

@@ -21,11 +21,25 @@ LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)  # vLLM's --max-lora-rank ch
 
 @dataclass
 class BackendConfig:
-    """The vLLM server behind the gateway."""
+    """The vLLM server(s) behind the gateway."""
 
-    mode: str = _s("auto", "managed: the gateway starts and supervises vLLM (the CPU default); external: use `url`; "
-                           "auto: external when `url` is set, else managed.", choices=("auto", "managed", "external"))
+    mode: str = _s("auto", "managed: the gateway starts and supervises vLLM (the CPU default); external: use `url` / "
+                           "`urls`; auto: external when one is set, else managed.",
+                   choices=("auto", "managed", "external"))
     url: str = _s("", "Base URL of an already running vLLM OpenAI server (external mode), e.g. http://gpu-1:8000.")
+    urls: list = _s([], "Several external vLLM replicas (instead of `url`): one gateway drives them all with adapter "
+                        "affinity, e.g. [http://vllm-0:8000, http://vllm-1:8000].")
+    replicas: int = _s(1, "Managed mode: how many vLLM child processes the gateway starts and supervises.")
+    adapter_slots: int = _s(0, "Adapters one replica holds at most; a request for another evicts the least recently "
+                               "used idle one. 0: no limit (vLLM's --max-cpu-loras cache pages them), the right choice "
+                               "when several gateways share the replicas.")
+    balance: str = _s("affinity", "How a request picks its replica: affinity (one that already holds its adapter, the "
+                                  "least loaded; else the least loaded with a free slot loads it) or round_robin.",
+                      choices=("affinity", "round_robin"))
+    affinity_spill: int = _s(8, "Load an adapter onto one more replica when every replica holding it has this many "
+                                "more requests in flight than a replica with a free slot. 0: never spread.")
+    slot_wait_s: float = _s(30.0, "How long a request waits for an adapter slot when every slot on every replica is "
+                                  "busy (then RESOURCE_EXHAUSTED).")
     model: str = _s("", "Model path or id served by vLLM. Empty: the prepared embedded default (SmolLM2-135M-Instruct).",
                     flag="--model")
     api_key: str = _s("", "Bearer token for an external vLLM started with --api-key. A managed vLLM gets a random key "
@@ -48,7 +62,12 @@ class BackendConfig:
 
     @property
     def external(self) -> bool:
-        return self.mode == "external" or (self.mode == "auto" and bool(self.url))
+        return self.mode == "external" or (self.mode == "auto" and bool(self.url or self.urls))
+
+    @property
+    def backend_urls(self) -> list[str]:
+        """The external replicas' URLs (`urls`, or the one `url`)."""
+        return [str(u).rstrip("/") for u in self.urls] if self.urls else ([self.url] if self.url else [])
 
 
 @dataclass
@@ -188,8 +207,24 @@ class GatewayConfig:
         if (self.auth.tokens_file or self.auth.tokens) and not self.auth.enabled:
             raise ConfigError("auth tokens are configured (auth.tokens_file / auth.tokens) but auth.enabled is false: "
                               "pass --auth (or set auth.enabled: true), or drop the tokens")
-        if b.mode == "external" and not b.url:
-            raise ConfigError("backend.mode=external needs backend.url (e.g. http://127.0.0.1:8000)")
+        if b.mode == "external" and not b.backend_urls:
+            raise ConfigError("backend.mode=external needs backend.url (e.g. http://127.0.0.1:8000) or backend.urls")
+        if b.url and b.urls:
+            raise ConfigError("backend.url and backend.urls are both set: list every replica in backend.urls")
+        for u in b.backend_urls:
+            if not str(u).startswith(("http://", "https://")):
+                raise ConfigError(f"backend.urls: {u!r} is not an http(s):// URL of a vLLM server")
+        if len(set(b.backend_urls)) != len(b.backend_urls):
+            raise ConfigError("backend.urls lists the same replica twice")
+        if b.replicas < 1:
+            raise ConfigError(f"backend.replicas must be >= 1, got {b.replicas}")
+        if b.replicas > 1 and b.external:
+            raise ConfigError("backend.replicas counts managed replicas; for external ones list their URLs in "
+                              "backend.urls")
+        if b.adapter_slots < 0 or b.affinity_spill < 0:
+            raise ConfigError("backend.adapter_slots and backend.affinity_spill must be >= 0 (0: no limit / never)")
+        if b.slot_wait_s <= 0:
+            raise ConfigError(f"backend.slot_wait_s must be > 0, got {b.slot_wait_s}")
         if b.max_loras < 1 or b.max_cpu_loras < b.max_loras:
             raise ConfigError("backend.max_loras must be >= 1 and backend.max_cpu_loras >= backend.max_loras")
         if self.default_max_tokens < 1:

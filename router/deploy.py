@@ -1,15 +1,15 @@
 """Zero-downtime deployment of registered specialists into the running gateway.
 
-deploy(task, version): validate the registry version (manifest hashes, base fingerprint, rank, target
-modules) -> load it into vLLM under its versioned name (`code@3`) -> one-token smoke generation ->
-switch the routing table atomically -> record the `production` alias -> drain in-flight requests on the
-old name -> unload it. A failure at any step before the switch unloads the new version and leaves the old
-one serving; a failure to record the alias switches the route back. Deploys of one task are serialized
-(one asyncio.Lock per task, plus the registry's file lock across processes); different tasks deploy
-concurrently. Rollback = deploy the previous production version. Retire = route the task to the base
-model and unload its adapter. On start (and after a managed vLLM restart, via the gateway) every
-production adapter is restored; a registry generation counter is polled so an alias moved by another
-gateway replica is picked up.
+deploy(task, version): validate the registry version (manifest hashes, base fingerprint, rank, target modules) ->
+load it into vLLM under its versioned name (`code@3`), on every replica that holds the version it replaces -> a
+one-token smoke generation on each -> switch the routing table atomically -> record the `production` alias ->
+drain in-flight requests on the old name -> unload it from every replica. A failure at any step before the switch
+unloads the new version and leaves the old one serving; a failure to record the alias switches the route back.
+Deploys of one task are serialized (one asyncio.Lock per task, plus the registry's file lock across processes);
+different tasks deploy concurrently. Rollback = deploy the previous production version. Retire = route the task
+to the base model and unload its adapter. On start every production adapter is restored (a replica that restarts
+gets its own adapters back in `router.replicas`); a registry generation counter is polled so an alias moved by
+another gateway is picked up.
 """
 from __future__ import annotations
 
@@ -68,9 +68,7 @@ class Deployer:
         await self.policy.validate(str(av.path), manifest=av.manifest)
 
     async def _smoke(self, name: str) -> None:
-        payload = {"model": name, "messages": [{"role": "user", "content": "ping"}], "max_tokens": 1, "temperature": 0}
-        async for _ in self.loader.backend.chat_stream(payload, timeout_s=self.cfg.smoke_timeout_s):
-            pass
+        await self.loader.backend.smoke(name, self.cfg.smoke_timeout_s)  # on every replica that holds it
 
     def _drain_then_unload(self, name: str) -> None:
         async def go():
@@ -111,7 +109,8 @@ class Deployer:
         have = self.table.loaded.get(av.name)
         # loaded by this deploy (also when it replaced a same-named adapter from another folder)
         newly_loaded = have is None or Path(have.path).resolve() != Path(av.path).resolve()
-        await self.loader.load_registered(av.name, str(av.path), task=task, version=av.version)
+        # onto every replica that holds the version it replaces, so the placement (and capacity) carries over
+        await self.loader.load_registered(av.name, str(av.path), task=task, version=av.version, like=old)
         try:
             await self._smoke(av.name)
             self.table.set_route(task, av.name)  # the switch: new requests go to the new version

@@ -1,4 +1,4 @@
-"""gRPC health: SERVING only while the backend answers and the gateway is not draining.
+"""gRPC health: SERVING only while a vLLM replica answers and the gateway is not draining.
 
 Names: "" and each router.v1 service follow the backend; `router.v1.ConversationLog` reports the log store
 (NOT_SERVING while writes fail; requests are still served, but not logged, and the gateway says so loudly).
@@ -37,14 +37,15 @@ class Health:
         await self.servicer.set(LOG_HEALTH_SERVICE, _SERVING if ok else _NOT_SERVING)
 
 
-async def watch(health_: Health, backend, managed, log_sink, interval_s: float) -> None:
-    """Forever: poll the backend (a managed one counts as up only once it runs again with its adapters reloaded)
-    and the log writer, and report both."""
+async def watch(health_: Health, replicas, log_sink, interval_s: float) -> None:
+    """Forever: poll every vLLM replica (one that comes back takes requests only once its adapters are loaded
+    again, `ReplicaSet.check`) and the log writer, and report both. The gateway is SERVING while one replica is."""
     logs_ok = True
     while True:
-        up = await backend.health() and not (managed is not None and (managed.restarting or not managed.alive()))
+        await replicas.check_all()
+        up = await replicas.health()
         if up != health_.backend_up:
-            log.info("backend %s is %s", backend.url, "up" if up else "DOWN")
+            log.info("backend %s", "up" if up else "DOWN: no vLLM replica can serve")
         await health_.set_backend(up)
         if log_sink.enabled:
             ok = log_sink.healthy

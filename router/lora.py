@@ -3,10 +3,10 @@
 `AdapterPolicy`: adapters are loaded only from folders the gateway owns (the registry and the configured
 `adapter_roots`, symlinks resolved before the check) and only after the same validation a deploy runs: PEFT
 LoRA, base fingerprint (registry versions), rank, servable modules and every factor's shape against the
-served base model's weights. `AdapterLoader`: loads and unloads one at a time, refuses a name already loaded
-from another folder, and puts everything back after a backend restart. The routing table's `loaded` map is the
-gateway's view of the backend; it is replaced as a whole, so a request sees the old or the new map, never a
-half-updated one.
+served base model's weights. `AdapterLoader`: loads and unloads one at a time and refuses a name already loaded
+from another folder. The routing table's `loaded` map is the
+gateway's view of what it serves; it is replaced as a whole, so a request sees the old or the new map, never a
+half-updated one. Which replica holds which adapter is the replica set's business (`router.replicas`).
 """
 from __future__ import annotations
 
@@ -18,8 +18,7 @@ from adapters.validation import base_weight_shapes, validate_adapter
 from basemodel import fingerprint
 from core.errors import FailedPrecondition, InvalidArgument, NotFound, RouterError, quoted
 from core.files import is_inside
-from router.backend import VLLMBackend
-from router.metrics import NO_METRICS
+from router.replicas import ReplicaSet
 from router.routing import LoadedAdapter, RoutingTable
 
 log = logging.getLogger("router.gateway")
@@ -64,14 +63,17 @@ class AdapterPolicy:
 
 
 class AdapterLoader:
-    def __init__(self, backend: VLLMBackend, table: RoutingTable):
+    """The gateway's adapters: the routing table's `loaded` map (what it serves) over the replica set (which replica
+    holds what, `router.replicas`)."""
+
+    def __init__(self, backend: ReplicaSet, table: RoutingTable):
         self.backend = backend
         self.table = table
         self._lock = asyncio.Lock()
-        self.metrics = NO_METRICS
 
-    async def load(self, name: str, path: str, *, task: str = "", version: str = "") -> LoadedAdapter:
-        """Load `path` into the backend as `name` (a no-op when that name is loaded already)."""
+    async def load(self, name: str, path: str, *, task: str = "", version: str = "", like: str = "") -> LoadedAdapter:
+        """Serve `path` as `name` (a no-op when that name is served already). `like`: the adapter it replaces in a
+        deploy; the new one is loaded onto every replica holding that one."""
         async with self._lock:
             if not Path(path).is_dir():
                 raise InvalidArgument(f"adapter path {path} is not a folder on the gateway host: pass a PEFT folder")
@@ -86,23 +88,15 @@ class AdapterLoader:
                     have = LoadedAdapter(name=name, path=resolved, task=task, version=version,
                                          in_flight=have.in_flight, idle=have.idle)
                     self.table.loaded = {**self.table.loaded, name: have}
+                if like:
+                    await self.backend.load_lora(name, resolved, like=like)
                 return have
-            try:
-                await self.backend.load_lora(name, resolved)
-            except FailedPrecondition as exc:
-                # another gateway replica sharing this backend loaded the same versioned name: same adapter
-                if "already" not in str(exc):
-                    self.metrics.adapter_loaded("error")
-                    raise
-            except RouterError:
-                self.metrics.adapter_loaded("error")
-                raise
-            self.metrics.adapter_loaded("ok")
+            await self.backend.load_lora(name, resolved, like=like)
             a = LoadedAdapter(name=name, path=resolved, task=task, version=version)
             self.table.loaded = {**self.table.loaded, name: a}
             return a
 
-    async def load_registered(self, name: str, path: str, *, task: str, version: str) -> LoadedAdapter:
+    async def load_registered(self, name: str, path: str, *, task: str, version: str, like: str = "") -> LoadedAdapter:
         """Load a registry version. A same-named adapter the backend holds from another folder (loaded by hand,
         by another registry, or squatted) is not this version: unless requests are routed to it, it is unloaded
         first, so the name serves the registry's files."""
@@ -110,7 +104,7 @@ class AdapterLoader:
         if have is not None and have.path and Path(have.path).resolve() != Path(path).resolve():
             log.warning("adapter %s is loaded from %s, not the registry's %s: replacing it", name, have.path, path)
             await self.unload(name)
-        return await self.load(name, path, task=task, version=version)
+        return await self.load(name, path, task=task, version=version, like=like)
 
     async def unload(self, name: str) -> None:
         async with self._lock:
@@ -120,26 +114,10 @@ class AdapterLoader:
             if tasks:
                 raise FailedPrecondition(f"adapter {name!r} is routed for task(s) {tasks} (production or canary): "
                                          "retire, redeploy or end the canary first")
-            try:
-                await self.backend.unload_lora(name)
-            except RouterError:
-                self.metrics.adapter_unloaded("error")
-                raise
-            self.metrics.adapter_unloaded("ok")
+            await self.backend.unload_lora(name)
             loaded = dict(self.table.loaded)
             loaded.pop(name, None)
             self.table.loaded = loaded
-
-    async def reload_all(self) -> None:
-        """After a managed vLLM restart: every adapter the gateway had loaded is loaded again."""
-        for a in list(self.table.loaded.values()):
-            try:
-                await self.backend.load_lora(a.name, a.path)
-                self.metrics.adapter_loaded("ok")
-            except RouterError as exc:
-                self.metrics.adapter_loaded("error")
-                log.error("could not reload adapter %s after backend restart: %s", a.name, exc)
-        log.info("re-loaded %d adapter(s) into the restarted backend", len(self.table.loaded))
 
     def not_loaded(self, name: str) -> NotFound:
         return NotFound(f"adapter {quoted(name)} is not loaded; loaded: {sorted(self.table.loaded) or 'none'}")

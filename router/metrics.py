@@ -121,8 +121,8 @@ class GatewayMetrics(NoMetrics):
 class Parts:
     """What `_PartsCollector` reads at scrape time; any of them may be None."""
 
-    def __init__(self, *, backend=None, writer=None, managed=None, health=None, table=None):
-        self.backend, self.writer, self.managed, self.health, self.table = backend, writer, managed, health, table
+    def __init__(self, *, backend=None, writer=None, health=None, table=None):
+        self.backend, self.writer, self.health, self.table = backend, writer, health, table
 
 
 class _PartsCollector:
@@ -152,8 +152,23 @@ class _PartsCollector:
             s = p.backend.stats
             yield one(counter, "backend_requests", "Generation requests sent to vLLM.", s.requests)
             yield one(counter, "backend_errors", "vLLM requests that failed to connect or lost their stream.", s.errors)
-        yield one(counter, "backend_restarts", "Restarts of the managed vLLM after it died (always 0 for an external "
-                  "backend, which its own supervisor restarts).", p.managed.restarts if p.managed is not None else 0)
+        replicas = list(getattr(p.backend, "replicas", []))
+        yield one(counter, "backend_restarts", "Restarts of managed vLLM replicas after they died (always 0 for external "
+                  "ones, which their own supervisor restarts).",
+                  sum(r.managed.restarts for r in replicas if r.managed is not None))
+        if replicas:
+            fams = {k: (gauge if k != "failovers" else counter)(f"{pre}_replica_{k}", h, labels=["replica"])
+                    for k, h in (("up", "1 while the vLLM replica takes requests (answers /health, adapters loaded)."),
+                                 ("in_flight", "Requests the gateway has in flight on the replica."),
+                                 ("adapters", "Adapters the replica holds for this gateway."),
+                                 ("failovers", "Requests moved to another replica before their first token because "
+                                               "this one failed."))}
+            for r in replicas:
+                fams["up"].add_metric([r.name], 1.0 if r.serving() else 0.0)
+                fams["in_flight"].add_metric([r.name], r.in_flight)
+                fams["adapters"].add_metric([r.name], len(r.held))
+                fams["failovers"].add_metric([r.name], r.failovers)
+            yield from fams.values()
         if p.table is not None:
             yield one(gauge, "adapters_loaded", "Adapters the backend holds for this gateway.", len(p.table.loaded))
         if p.writer is not None:

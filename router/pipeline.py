@@ -17,12 +17,13 @@ from typing import AsyncIterator
 
 from convlog.schema import LogRecord
 from core.errors import DeadlineExceeded, ResourceExhausted, RouterError, Unavailable
-from router.backend import VLLMBackend, now_ms
+from router.backend import now_ms
 from router.classify import TaskClassifier
 from router.config import GatewayConfig
 from router.grpc_errors import REQUEST_ID
 from router.health import Health
 from router.metrics import NO_METRICS
+from router.replicas import ReplicaSet
 from router.request_checks import check_request
 from router.routing import Decision, RoutingTable, decide, explicit_adapter, split_point
 
@@ -126,8 +127,8 @@ class LogSink:
 
 
 class Pipeline:
-    def __init__(self, cfg: GatewayConfig, backend: VLLMBackend, table: RoutingTable, classifier: TaskClassifier,
-                 logs: LogSink, health: Health, *, served_model: str, managed=None, metrics=NO_METRICS):
+    def __init__(self, cfg: GatewayConfig, backend: ReplicaSet, table: RoutingTable, classifier: TaskClassifier,
+                 logs: LogSink, health: Health, *, served_model: str, metrics=NO_METRICS):
         self.cfg = cfg
         self.backend = backend
         self.table = table
@@ -135,7 +136,6 @@ class Pipeline:
         self.logs = logs
         self.health = health
         self.served_model = served_model
-        self.managed = managed
         self.metrics = metrics
         self.load_pinned = None  # async (name) -> None: the deployer's on-demand load of a pinned registry version
         self.in_flight = 0
@@ -163,10 +163,6 @@ class Pipeline:
             api, task=rec.task, adapter=rec.adapter, reason=rec.route_reason, status=code,
             classify_s=rec.classify_ms / 1000, ttft_s=rec.ttft_ms / 1000, total_s=total_ms / 1000,
             prompt_tokens=rec.prompt_tokens, completion_tokens=rec.completion_tokens)
-
-    def _backend_down(self) -> bool:
-        m = self.managed
-        return m is not None and (m.restarting or not m.alive())
 
     async def run(self, req, *, stream: bool, time_remaining: float | None, request_id: str = "",
                   api: str = "grpc") -> AsyncIterator[Event]:
@@ -201,14 +197,14 @@ class Pipeline:
                 rec.adapter_task, rec.adapter_version = (a.task, a.version) if a else ("", "")
                 self.table.acquire(decision.adapter)
                 acquired = decision.adapter
-            if self._backend_down():
-                raise Unavailable("the vLLM backend is down and being restarted: retry shortly")
+            if not self.backend.serving():
+                raise self.backend.unavailable()
             yield Started(rid, decision)
             payload = {"model": decision.adapter or self.served_model, "messages": checked.messages, **checked.sampling}
             if checked.reasoning_effort:
                 payload["reasoning_effort"] = checked.reasoning_effort
             b0 = now_ms()
-            async for ev in self.backend.chat_stream(payload, timeout_s=time_remaining):
+            async for ev in self.backend.chat_stream(payload, timeout_s=time_remaining, adapter=decision.adapter):
                 if ev.final:
                     rec.finish_reason = ev.finish_reason
                     rec.prompt_tokens, rec.completion_tokens = ev.prompt_tokens, ev.completion_tokens

@@ -8,6 +8,7 @@ adapters the backend holds (`lora`), the deployer (`deploy`), the request pipeli
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 from pathlib import Path
 
@@ -37,6 +38,7 @@ from router.lora import AdapterLoader, AdapterPolicy
 from router.managed import ManagedVLLM
 from router.metrics import NO_METRICS, GatewayMetrics, Parts
 from router.pipeline import LogSink, Pipeline
+from router.replicas import Replica, ReplicaSet
 from router.routing import LoadedAdapter, RoutingTable
 from router.service import RouterServicer
 from router.v1 import router_pb2 as pb
@@ -48,7 +50,7 @@ class Server:
     """A started gateway: `.port`, `.target`, its parts, `await .stop()`."""
 
     def __init__(self, cfg: GatewayConfig, grpc_server, port: int, *, pipeline: Pipeline, loader: AdapterLoader,
-                 deployer: Deployer, classifier: TaskClassifier, health: Health, managed, tasks: list[asyncio.Task],
+                 deployer: Deployer, classifier: TaskClassifier, health: Health, tasks: list[asyncio.Task],
                  model_dir: str | None, http: HttpServer | None, metrics):
         self.cfg = cfg
         self.grpc = grpc_server
@@ -60,7 +62,8 @@ class Server:
         self.deployer = deployer
         self.classifier = classifier
         self.health = health
-        self.managed = managed
+        self.replicas = loader.backend.replicas  # the vLLM replicas (`.backend`, `.managed`, `.held`, ...)
+        self.managed = self.replicas[0].managed  # the first managed vLLM (None: external), the embedded default's one
         self.model_dir = model_dir  # the served base model's local folder (None: not on this host)
         self._tasks = tasks
         self.http = http  # the OpenAI-compatible HTTP door (None: http.enabled=false); `.url`, `.port`
@@ -81,8 +84,7 @@ class Server:
         await self.deployer.stop()
         await self.pipeline.logs.close()
         await self.backend.close()
-        if self.managed is not None:
-            await self.managed.stop()
+        await asyncio.gather(*(r.managed.stop() for r in self.replicas if r.managed is not None))
         self.classifier.close()
 
     async def wait(self) -> None:
@@ -112,28 +114,51 @@ def _log_writer(cfg: GatewayConfig) -> AsyncLogWriter | None:
     return AsyncLogWriter(store, pii_policy=PiiPolicy(mode=cfg.logs.pii, extra_patterns=cfg.logs.pii_patterns))
 
 
-async def _backend(cfg: GatewayConfig, progress) -> tuple[VLLMBackend, ManagedVLLM | None, str, str | None, list]:
-    """(backend client, managed process or None, served model, local model folder or None, models it lists)."""
+async def _backend(cfg: GatewayConfig, progress) -> tuple[ReplicaSet, str, str | None]:
+    """(the replica set, served model, local model folder or None). Managed replicas are started in parallel; an
+    external replica that is down at startup is taken in when it answers."""
     b = cfg.backend
+    kw = dict(slots=b.adapter_slots, balance=b.balance, spill=b.affinity_spill, slot_wait_s=b.slot_wait_s)
     if not b.external:
         model = basemodel.resolve(b.model)
-        managed = ManagedVLLM(b, model)
-        progress(f"[gateway] starting managed vLLM for {model} on {managed.url} (first start ~1 min)")
-        await managed.start()
-        backend = VLLMBackend(managed.url, api_key=managed.api_key, request_timeout_s=b.request_timeout_s)
-        return backend, managed, model, (model if Path(model).is_dir() else None), []
-    backend = VLLMBackend(b.url, api_key=b.api_key, request_timeout_s=b.request_timeout_s)
-    listed: list[dict] = []
-    try:
-        listed = await backend.models()
-    except RouterError as exc:  # external backend down: start anyway, NOT_SERVING until it answers
-        log.error("external backend %s is not reachable at startup (%s); serving UNAVAILABLE until it is", b.url, exc)
-    bases = [m["id"] for m in listed if not m.get("parent")]
-    served = bases[0] if bases else b.model
+        procs = []
+        for i in range(b.replicas):
+            procs.append(ManagedVLLM(dataclasses.replace(b, port=b.port + i if b.port else 0), model))
+        urls = ", ".join(m.url for m in procs)
+        progress(f"[gateway] starting {len(procs)} managed vLLM replica(s) for {model} on {urls} (first start ~1 min)")
+        try:
+            await asyncio.gather(*(m.start() for m in procs))
+        except BaseException:
+            await asyncio.gather(*(m.stop() for m in procs), return_exceptions=True)
+            raise
+        replicas = ReplicaSet([Replica(i, VLLMBackend(m.url, api_key=m.api_key, request_timeout_s=b.request_timeout_s),
+                                       managed=m) for i, m in enumerate(procs)], **kw)
+        await replicas.check_all()
+        return replicas, model, (model if Path(model).is_dir() else None)
+    replicas = ReplicaSet([Replica(i, VLLMBackend(u, api_key=b.api_key, request_timeout_s=b.request_timeout_s))
+                           for i, u in enumerate(b.backend_urls)], **kw)
+    served = ""
+    for r in replicas.replicas:
+        try:
+            listed = await r.backend.models()
+        except RouterError as exc:  # down: start anyway, taken in when it answers (NOT_SERVING while none does)
+            log.error("vLLM replica %s (%s) is not reachable at startup (%s); it takes requests once it answers",
+                      r.name, r.url, exc)
+            continue
+        replicas.adopt(r, listed)  # adapters it already holds are usable by name
+        bases = [m["id"] for m in listed if not m.get("parent")]
+        if bases and not served:
+            served = bases[0]
+        elif bases and bases[0] != served:
+            raise FailedPrecondition(f"the vLLM replicas serve different models ({served!r} at "
+                                     f"{replicas.replicas[0].url}, {bases[0]!r} at {r.url}): every replica in "
+                                     "backend.urls must serve the same base model")
+    served = served or b.model
     if not served:
-        raise Unavailable(f"cannot tell which model the backend at {b.url} serves: it is unreachable and "
+        raise Unavailable(f"cannot tell which model the backend at {b.backend_urls[0]} serves: it is unreachable and "
                           "backend.model is not set")
-    return backend, None, served, (b.model if b.model and Path(b.model).is_dir() else None), listed
+    await replicas.check_all()
+    return replicas, served, (b.model if b.model and Path(b.model).is_dir() else None)
 
 
 async def build(cfg: GatewayConfig, *, progress=print) -> Server:
@@ -151,24 +176,22 @@ async def build(cfg: GatewayConfig, *, progress=print) -> Server:
                     "adapters. Enable it for anything but local use.", cfg.host, cfg.port)
     task_classifier = TaskClassifier(_load_classifier(cfg), cfg.classifier)
     writer = _log_writer(cfg)
-    backend, managed, served, model_dir, listed = await _backend(cfg, progress)
+    backend, served, model_dir = await _backend(cfg, progress)
 
     table = RoutingTable(cfg.task_adapters)
-    for m in listed:  # adapters already loaded in an external backend are usable by name
-        if m.get("parent"):
-            table.loaded[m["id"]] = LoadedAdapter(name=m["id"], path=str(m.get("root", "")))
+    for name, path in backend.known.items():  # adapters already loaded in an external backend are usable by name
+        table.loaded[name] = LoadedAdapter(name=name, path=path)
     loader = AdapterLoader(backend, table)
     registry = Registry(cfg.registry or None)
     policy = AdapterPolicy([registry.root, paths.local_adapters_dir(), *(Path(r) for r in cfg.adapter_roots)],
                            model_dir=model_dir, served_model=served, max_lora_rank=cfg.backend.max_lora_rank)
     health_ = Health()
-    metrics = GatewayMetrics(Parts(backend=backend, writer=writer, managed=managed, health=health_, table=table)) \
+    metrics = GatewayMetrics(Parts(backend=backend, writer=writer, health=health_, table=table)) \
         if cfg.metrics.enabled else NO_METRICS
     logs = LogSink(writer, metrics)
-    pipeline = Pipeline(cfg, backend, table, task_classifier, logs, health_, served_model=served, managed=managed,
-                        metrics=metrics)
+    pipeline = Pipeline(cfg, backend, table, task_classifier, logs, health_, served_model=served, metrics=metrics)
     deployer = Deployer(registry, loader, policy, cfg.deploy)
-    loader.metrics = deployer.metrics = metrics
+    backend.metrics = deployer.metrics = metrics
     pipeline.load_pinned = deployer.load_pinned
     await deployer.restore()
 
@@ -193,25 +216,33 @@ async def build(cfg: GatewayConfig, *, progress=print) -> Server:
     await server.start()
     if http is not None:
         await http.start()
-    tasks = [asyncio.create_task(health_mod.watch(health_, backend, managed, logs, cfg.backend.health_interval_s),
+    tasks = [asyncio.create_task(health_mod.watch(health_, backend, logs, cfg.backend.health_interval_s),
                                  name="backend-monitor"),
              deployer.start_polling()]
-    if managed is not None:
-        async def on_restart():
-            await loader.reload_all()
-            await health_.set_backend(True)
-
-        async def on_down():
-            await health_.set_backend(False)
-
-        tasks.append(managed.watch(on_restart=on_restart, on_down=on_down))
+    for r in backend.replicas:
+        if r.managed is not None:
+            tasks.append(r.managed.watch(on_restart=_on_restart(backend, r, health_), on_down=_on_down(backend, r, health_)))
     tls = " over TLS" + (" (mutual)" if cfg.tls.client_ca_file else "") if creds is not None else ""
-    progress(f"[gateway] serving router.v1 on {cfg.host}:{port}{tls} (backend {backend.url}, model {served})")
+    progress(f"[gateway] serving router.v1 on {cfg.host}:{port}{tls} (vLLM {', '.join(backend.urls)}, model {served})")
     if http is not None:
         progress(f"[gateway] OpenAI-compatible API on {http.url}/v1" + (", metrics on /metrics" if metrics.enabled
                                                                         else ""))
     return Server(cfg, server, port, pipeline=pipeline, loader=loader, deployer=deployer, classifier=task_classifier,
-                  health=health_, managed=managed, tasks=tasks, model_dir=model_dir, http=http, metrics=metrics)
+                  health=health_, tasks=tasks, model_dir=model_dir, http=http, metrics=metrics)
+
+
+def _on_restart(replicas: ReplicaSet, r: Replica, health_: Health):
+    async def go() -> None:  # the restarted process gets its adapters back before it takes requests
+        await replicas.restore(r)
+        await health_.set_backend(await replicas.health())
+    return go
+
+
+def _on_down(replicas: ReplicaSet, r: Replica, health_: Health):
+    async def go() -> None:
+        replicas.mark_down(r, "the managed vLLM process exited")
+        await health_.set_backend(await replicas.health())
+    return go
 
 
 def _grpc_credentials(cfg: GatewayConfig):
