@@ -29,6 +29,13 @@ def test_config_precedence_defaults_file_env_flags(tmp_path, monkeypatch):
     ("backend: {max_lora_rank: 7}\n", "max_lora_rank"),
     ("port: abc\n", "cannot read 'abc'"),
     ("classifier: {threads: -1}\n", "classifier.threads must be >= 0"),
+    ("backend: {url: 'http://a:8000', urls: ['http://b:8000']}\n", "list every replica in backend.urls"),
+    ("backend: {urls: ['gpu-1:8000']}\n", "is not an http(s):// URL"),
+    ("backend: {urls: ['http://a:8000', 'http://a:8000']}\n", "same replica twice"),
+    ("backend: {replicas: 0}\n", "backend.replicas must be >= 1"),
+    ("backend: {replicas: 2, urls: ['http://a:8000']}\n", "list their URLs in backend.urls"),
+    ("backend: {adapter_slots: -1}\n", "backend.adapter_slots"),
+    ("backend: {balance: random}\n", "backend.balance"),
     ("[1, 2]\n", "mapping"),
 ])
 def test_bad_config_says_what_to_fix(tmp_path, text, fragment):

@@ -28,9 +28,10 @@ K8S = ROOT / "deploy" / "k8s"
 BASE = K8S / "base"
 OVERLAY = K8S / "overlays" / "production"
 NAMESPACE = "specialist-router"
-K8S_VERSIONS = ("1.30", "1.33")  # the oldest supported (pod-index label on by default since 1.28) and a recent one
+K8S_VERSIONS = ("1.30", "1.33")  # the oldest supported and a recent one
 CONFIG_MOUNT = "/etc/specialist-router"
-LOG_NODE_LABEL = "specialist-router.io/log-store"
+TRAINING_NODE_LABEL = "specialist-router.io/training"    # nodes whose GPUs the loop and training Jobs use
+PG_SECRET = "postgres"                                  # the log store's URL (key url) and password (key password)
 WORKLOADS = ("Deployment", "StatefulSet", "DaemonSet", "Job")
 
 
@@ -234,7 +235,7 @@ def test_every_object_is_valid_for_kubernetes(which, version):
 
 def test_the_validator_refuses_a_broken_object():
     """The schema check is strict: a misspelt field or a wrong type fails (so the test above can fail)."""
-    bad = copy.deepcopy(_one(BASE_OBJS, "StatefulSet", "gateway"))
+    bad = copy.deepcopy(_one(BASE_OBJS, "Deployment", "gateway"))
     bad["spec"]["template"]["spec"]["containers"][0]["readinessProbe"]["httpGet"]["pathh"] = "/health"
     with pytest.raises(kubernetes_validate.ValidationError):
         kubernetes_validate.validate(bad, K8S_VERSIONS[0], strict=True)
@@ -249,13 +250,15 @@ def test_base_holds_every_object_the_layout_needs():
     for ref in [("Namespace", NAMESPACE), ("ServiceAccount", "gateway"), ("ServiceAccount", "vllm"),
                 ("ServiceAccount", "trainer"), ("ConfigMap", "specialist-router-config"),
                 ("PersistentVolumeClaim", "specialist-router-data"),
-                ("PersistentVolumeClaim", "specialist-router-logs"), ("PersistentVolumeClaim", "models"),
-                ("StatefulSet", "vllm"), ("Service", "vllm"), ("StatefulSet", "gateway"), ("Service", "gateway"),
-                ("PodDisruptionBudget", "serving"),
+                ("PersistentVolumeClaim", "models"),
+                ("StatefulSet", "vllm"), ("Service", "vllm"), ("Deployment", "gateway"), ("Service", "gateway"),
+                ("PodDisruptionBudget", "gateway"), ("PodDisruptionBudget", "vllm"),
                 ("Deployment", "loop")]:
         assert ref in kinds, ref
+    assert ("StatefulSet", "gateway") not in kinds                      # gateways are not paired to vLLM pods
+    assert ("PersistentVolumeClaim", "specialist-router-logs") not in kinds   # the logs are in PostgreSQL
     assert {(s["kind"], s["metadata"]["name"]) for s in SECRETS} == {
-        ("Secret", "gateway-auth"), ("Secret", "gateway-tls"), ("Secret", "vllm-api-key")}
+        ("Secret", "gateway-auth"), ("Secret", "gateway-tls"), ("Secret", "vllm-api-key"), ("Secret", PG_SECRET)}
     assert not [o for o in BASE_OBJS if o["kind"] == "Secret"], "Secrets stay out of the kustomization"
     for o in BASE_OBJS + JOBS + SECRETS:
         if o["kind"] != "Namespace":
@@ -288,11 +291,13 @@ def test_workload_selectors_statefulset_services_and_disruption_budget(which):
             svc = _one(objs, "Service", o["spec"]["serviceName"])
             assert svc["spec"].get("clusterIP") == "None", "a StatefulSet's governing Service is headless"
             assert svc["spec"]["selector"].items() <= _pod_labels(o).items()
-    pdb = _one(objs, "PodDisruptionBudget", "serving")
-    covered = {o["metadata"]["name"] for o, _ in _pods(objs)
-               if pdb["spec"]["selector"]["matchLabels"].items() <= _pod_labels(o).items()}
-    assert covered == {"gateway", "vllm"}         # one budget over both halves of every serving pair
-    assert pdb["spec"]["maxUnavailable"] == 1
+    # one budget per serving workload (gateways and vLLM replicas are independent): each selects exactly its own
+    for name in ("gateway", "vllm"):
+        pdb = _one(objs, "PodDisruptionBudget", name)
+        covered = {_name(o) for o, _ in _pods(objs)
+                   if pdb["spec"]["selector"]["matchLabels"].items() <= _pod_labels(o).items()}
+        assert covered == {name}, (name, covered)
+        assert pdb["spec"]["maxUnavailable"] == 1
 
 
 @pytest.mark.parametrize("which", ["base", "production"])
@@ -342,29 +347,56 @@ def test_probes_and_scrape_annotations_use_declared_ports(which):
             assert int(ann["prometheus.io/port"]) in {p["containerPort"] for c in pod["containers"]
                                                       for p in c.get("ports", [])}
             assert ann["prometheus.io/path"] == "/metrics"
-    gw = _one(objs, "StatefulSet", "gateway")["spec"]["template"]
+    gw = _one(objs, "Deployment", "gateway")["spec"]["template"]
     assert gw["metadata"]["annotations"]["prometheus.io/scheme"] == ("https" if CONFIG["tls"]["cert_file"] else "http")
 
 
-# --------------------------------------------------------------------------------- the serving pairs
-def test_gateway_n_drives_vllm_n_through_the_headless_service():
-    pod, gw = _container(BASE_OBJS, "StatefulSet", "gateway", "gateway")
-    url = _flags(gw["args"])["--backend-url"][0]
-    assert "$(POD_INDEX)" in url
-    vllm = _one(BASE_OBJS, "StatefulSet", "vllm")
-    assert vllm["spec"]["serviceName"] == "vllm"
-    assert _one(BASE_OBJS, "Service", "vllm")["spec"]["clusterIP"] == "None"   # no load balancing across replicas
-    _, vc = _container(BASE_OBJS, "StatefulSet", "vllm", "vllm")
-    for n in range(vllm["spec"]["replicas"]):            # the kubelet expands $(POD_INDEX) from the env below
-        u = urlsplit(url.replace("$(POD_INDEX)", str(n)))
-        assert u.scheme == "http" and u.hostname == f"vllm-{n}.{vllm['spec']['serviceName']}", url  # pod DNS name
-        assert u.port in {p["containerPort"] for p in vc["ports"]}
-    env = {e["name"]: e for e in gw["env"]}
-    assert env["POD_INDEX"]["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.labels['apps.kubernetes.io/pod-index']"
-    for objs in DEPLOYABLE.values():
-        assert _one(objs, "StatefulSet", "gateway")["spec"]["replicas"] == \
-               _one(objs, "StatefulSet", "vllm")["spec"]["replicas"] >= 2
-    assert _one(BASE_OBJS, "StatefulSet", "gateway")["spec"]["replicas"] == 2
+# ------------------------------------------------------------------------ gateways over every vLLM replica
+def _rendered_config(objs: list[dict]) -> dict:
+    return yaml.safe_load(_one(objs, "ConfigMap", "specialist-router-config")["data"]["config.yaml"])
+
+
+@pytest.mark.parametrize("which", ["base", "production"])
+def test_gateway_config_lists_exactly_the_vllm_replicas_by_their_stable_names(which):
+    """backend.urls = vllm-0 .. vllm-(replicas-1) under the headless Service, at the port that reaches vLLM."""
+    objs = DEPLOYABLE[which]
+    vllm = _one(objs, "StatefulSet", "vllm")
+    svc = _one(objs, "Service", vllm["spec"]["serviceName"])
+    assert svc["spec"]["clusterIP"] == "None"          # per-pod DNS names, no load balancing across replicas
+    _, vc = _container(objs, "StatefulSet", "vllm", "vllm")
+    cports = {p["name"]: p["containerPort"] for p in vc["ports"]}
+    port = int(_flags(vc["args"])["--port"][0])        # a pod DNS name is the pod's IP: the container port counts
+    assert port in cports.values()
+    assert [p["port"] for p in svc["spec"]["ports"] if cports.get(p["targetPort"], p["targetPort"]) == port] == [port]
+    n = vllm["spec"]["replicas"]
+    assert n >= 2
+    backend = _rendered_config(objs)["backend"]
+    assert backend["urls"] == [f"http://vllm-{i}.{svc['metadata']['name']}:{port}" for i in range(n)]
+    assert "url" not in backend                         # one list, not a single backend
+    assert backend["mode"] == "external"                # never a managed vLLM in a GPU-less gateway pod
+    # several gateways share the replicas: no gateway-side eviction, vLLM's own CPU cache pages adapters
+    assert backend["adapter_slots"] == 0 and backend.get("balance", "affinity") == "affinity"
+    # the gateway's command line names no backend: the config lists them all, the same for every pod
+    _, gw = _container(objs, "Deployment", "gateway", "gateway")
+    assert "--backend-url" not in _flags(gw["args"]) and not re.search(r"\$\(\w+\)", " ".join(gw["args"]))
+
+
+@pytest.mark.parametrize("which", ["base", "production"])
+def test_gateways_are_a_deployment_scaled_on_their_own_and_spread_over_nodes(which):
+    objs = DEPLOYABLE[which]
+    gw = _one(objs, "Deployment", "gateway")
+    assert gw["spec"]["replicas"] >= 2
+    assert gw["spec"]["strategy"]["rollingUpdate"]["maxUnavailable"] == 0   # a roll never lowers serving capacity
+    pod = gw["spec"]["template"]["spec"]
+    assert "nodeSelector" not in pod and "tolerations" not in pod          # any node; no GPU, no log-store node
+    term = pod["affinity"]["podAntiAffinity"]["preferredDuringSchedulingIgnoredDuringExecution"][0]["podAffinityTerm"]
+    assert term["topologyKey"] == "kubernetes.io/hostname"
+    assert term["labelSelector"]["matchLabels"].items() <= _pod_labels(gw).items()
+    env = {e["name"] for e in pod["containers"][0]["env"]}
+    assert "POD_INDEX" not in env
+    # the overlay scales gateways without touching vLLM (the vLLM count stays next to backend.urls in the base)
+    k = yaml.safe_load((OVERLAY / "kustomization.yaml").read_text())
+    assert {r["name"] for r in k.get("replicas", [])} == {"gateway"}
 
 
 def test_vllm_serves_what_the_gateway_config_expects():
@@ -383,13 +415,13 @@ def test_vllm_serves_what_the_gateway_config_expects():
     env = {e["name"]: e for e in vc["env"]}
     assert env["VLLM_ALLOW_RUNTIME_LORA_UPDATING"]["value"] == "True"
     assert env["VLLM_API_KEY"]["valueFrom"]["secretKeyRef"] == {"name": "vllm-api-key", "key": "api-key"}
-    _, gw = _container(BASE_OBJS, "StatefulSet", "gateway", "gateway")
+    _, gw = _container(BASE_OBJS, "Deployment", "gateway", "gateway")
     genv = {e["name"]: e for e in gw["env"]}
     assert genv["SPECIALIST_ROUTER__BACKEND__API_KEY"]["valueFrom"] == env["VLLM_API_KEY"]["valueFrom"]
     for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
         assert vc[probe]["httpGet"]["path"] == "/health"
     # the model folder is on the same volume at the same path for vLLM and the gateway
-    assert _mount_for(pod, vc, model) == _mount_for(*_container(BASE_OBJS, "StatefulSet", "gateway", "gateway"), model)
+    assert _mount_for(pod, vc, model) == _mount_for(*_container(BASE_OBJS, "Deployment", "gateway", "gateway"), model)
 
 
 @pytest.mark.parametrize("which", ["base", "production"])
@@ -407,17 +439,22 @@ def test_gpus_go_to_vllm_and_training_only(which):
     assert gpu_pods == {"vllm", "loop", "train-code-"}
     vllm = _one(objs, "StatefulSet", "vllm")["spec"]["template"]["spec"]
     terms = vllm["affinity"]["nodeAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"]["nodeSelectorTerms"]
-    assert {"key": LOG_NODE_LABEL, "operator": "DoesNotExist"} in terms[0]["matchExpressions"]  # spare GPU kept free
+    assert {"key": TRAINING_NODE_LABEL, "operator": "DoesNotExist"} in terms[0]["matchExpressions"]  # kept free
+    for o, pod in _pods(objs):
+        if _name(o) in ("loop", "train-code-"):
+            assert pod["nodeSelector"][TRAINING_NODE_LABEL] == "true", _name(o)
+    # the SQLite-era pinning of every log user to one node is gone
+    assert "specialist-router.io/log-store" not in yaml.safe_dump(objs)
 
 
 def test_production_overlay_patches_images_replicas_gpu_nodes_and_storage():
     images = {c["image"] for _, p in _pods(PROD_OBJS) for c in p["containers"] + p.get("initContainers", [])}
     assert images == {"registry.example.com/ml/specialist-router:0.1.0", "vllm/vllm-openai:v0.32.0"}
-    assert _one(PROD_OBJS, "StatefulSet", "gateway")["spec"]["replicas"] == 3
+    assert _one(PROD_OBJS, "Deployment", "gateway")["spec"]["replicas"] == 3
     vsel = _one(PROD_OBJS, "StatefulSet", "vllm")["spec"]["template"]["spec"]["nodeSelector"]
     assert vsel["nvidia.com/gpu.product"] == "NVIDIA-H100-80GB-HBM3" and vsel["nvidia.com/gpu.present"] == "true"
     lsel = _one(PROD_OBJS, "Deployment", "loop")["spec"]["template"]["spec"]["nodeSelector"]
-    assert lsel == {LOG_NODE_LABEL: "true", "nvidia.com/gpu.product": "NVIDIA-H100-80GB-HBM3"}
+    assert lsel == {TRAINING_NODE_LABEL: "true", "nvidia.com/gpu.product": "NVIDIA-H100-80GB-HBM3"}
     classes = {o["metadata"]["name"]: o["spec"].get("storageClassName") for o in PROD_OBJS
                if o["kind"] == "PersistentVolumeClaim"}
     assert all(classes.values()), classes
@@ -441,7 +478,7 @@ def test_registry_is_the_same_path_on_the_same_volume_in_every_pod():
     assert _flags(train["args"])["--registry"] == [registry]
     objs = DEPLOYABLE["base"]
     seen = {}
-    for kind, name, container in [("StatefulSet", "gateway", "gateway"), ("StatefulSet", "vllm", "vllm"),
+    for kind, name, container in [("Deployment", "gateway", "gateway"), ("StatefulSet", "vllm", "vllm"),
                                   ("Deployment", "loop", "loop")]:
         seen[name] = _mount_for(*_container(objs, kind, name, container), registry)
     tpod = _train_job()["spec"]["template"]["spec"]
@@ -456,21 +493,78 @@ def test_registry_is_the_same_path_on_the_same_volume_in_every_pod():
     assert set(_users_of(claim["metadata"]["name"], objs)) == {"gateway", "vllm", "loop", "train-code-"}
 
 
+def _secret_value(name: str, key: str) -> str:
+    s = next(s for s in SECRETS if s["metadata"]["name"] == name)
+    return s["stringData"][key]
+
+
+def _pod_env(container: dict) -> dict[str, str]:
+    """The container's environment as the kubelet gives it, Secrets read from the templates."""
+    out = {}
+    for e in container.get("env", []):
+        if "value" in e:
+            out[e["name"]] = e["value"]
+        elif "secretKeyRef" in e.get("valueFrom", {}):
+            ref = e["valueFrom"]["secretKeyRef"]
+            out[e["name"]] = _secret_value(ref["name"], ref["key"])
+    return out
+
+
+# the process that reads or writes the logs -> the variable that gives it the store (its own config's key)
+LOG_USERS = {"gateway": "SPECIALIST_ROUTER__LOGS__URL", "loop": "SPECIALIST_ROUTER_LOOP__DB",
+             "train-code-": "SPECIALIST_ROUTER_TRAIN__DB"}
+
+
 @pytest.mark.parametrize("which", ["base", "production"])
-def test_sqlite_log_store_users_share_one_node_and_one_path(which):
+def test_logs_are_in_postgresql_given_by_the_secret(which):
+    """Every log user gets the same postgresql:// URL and PGPASSWORD from the Secret; no log volume is left."""
+    from convlog.store import is_store_url
+
     objs = DEPLOYABLE[which]
-    db = CONFIG["logs"]["path"]
-    assert CONFIG["loop"]["db"] == db
-    assert _flags(_train_job()["spec"]["template"]["spec"]["containers"][0]["args"])["--db"] == [db]
-    claims = set()
-    for name, (pod, c) in _users_of("specialist-router-logs", objs).items():
-        mount, vol = _mount_for(pod, c, db)
-        claims.add((mount, vol["persistentVolumeClaim"]["claimName"]))
-        assert pod["nodeSelector"].get(LOG_NODE_LABEL) == "true", f"{name} opens SQLite off the log-store node"
-    assert len(claims) == 1
-    users = set(_users_of("specialist-router-logs", objs))
-    assert users == {"gateway", "loop", "train-code-"}
-    assert _one(objs, "PersistentVolumeClaim", "specialist-router-logs")["spec"]["accessModes"] == ["ReadWriteOnce"]
+    seen = set()
+    for o, pod in _pods(objs):
+        for c in pod["containers"]:
+            env = {e["name"]: e for e in c.get("env", [])}
+            if _name(o) in LOG_USERS:
+                seen.add(_name(o))
+                assert env[LOG_USERS[_name(o)]]["valueFrom"]["secretKeyRef"] == {"name": PG_SECRET, "key": "url"}
+                assert env["PGPASSWORD"]["valueFrom"]["secretKeyRef"] == {"name": PG_SECRET, "key": "password"}
+                assert "--db" not in _flags(c.get("args", []))        # the URL comes from the environment
+            else:
+                assert "PGPASSWORD" not in env and not set(env) & set(LOG_USERS.values()), _name(o)
+            assert not any(m["mountPath"] == "/logs" for m in c.get("volumeMounts", [])), _name(o)
+    assert seen == set(LOG_USERS)
+    assert not [o for o in objs if o["kind"] == "PersistentVolumeClaim" and "logs" in o["metadata"]["name"]]
+    cfg = _rendered_config(objs)
+    # url and path exclude each other (router/server.py); the SQLite-era keys are gone from the file
+    assert "path" not in cfg["logs"] and "url" not in cfg["logs"] and "db" not in cfg["loop"]
+    url = _secret_value(PG_SECRET, "url")
+    assert is_store_url(url) and url.startswith("postgresql://")
+
+
+def test_no_password_in_any_manifest_command_line_or_config():
+    """Passwords reach processes only as PGPASSWORD from a Secret: never argv, a literal env value or the
+    ConfigMap; and the URL the Secret holds has none either (it ends up on the loop's training command lines)."""
+    from convlog.postgres_store import _Url, redact
+
+    with_password = re.compile(r"postgres(?:ql)?://[^/@\s]*:[^/@\s]*@|[?&]password=", re.I)
+    objs = BASE_OBJS + PROD_OBJS + JOBS
+    for o, pod in _pods(objs):
+        for c in pod["containers"] + pod.get("initContainers", []):
+            argv = " ".join(c.get("command", []) + c.get("args", []))
+            assert not with_password.search(argv) and "PGPASSWORD" not in argv, (_name(o), c["name"])
+            for e in c.get("env", []):
+                if "value" in e:
+                    assert not with_password.search(e["value"]) and "postgres" not in e["value"], e["name"]
+                    assert "PASSWORD" not in e["name"].upper(), e["name"]       # a password is never a literal
+    for cm in (o for o in objs if o["kind"] == "ConfigMap"):
+        for text in cm["data"].values():
+            assert not with_password.search(text) and not re.search(r"^\s*password\s*:", text, re.M)
+    url = _secret_value(PG_SECRET, "url")
+    assert urlsplit(url).password is None and redact(url) == url
+    assert _Url(url).password == ""                     # as the store parses it: libpq gets it from PGPASSWORD
+    # the check above can fail: a URL with a password is caught
+    assert with_password.search("--db=postgresql://router:s3cret@db:5432/logs")
 
 
 # -------------------------------------------------------------------------- config, flags, the CLI itself
@@ -482,7 +576,7 @@ def _help(*cmd: str) -> str:
 
 
 def test_every_flag_in_the_manifests_is_a_flag_of_its_command():
-    _, gw = _container(BASE_OBJS, "StatefulSet", "gateway", "gateway")
+    _, gw = _container(BASE_OBJS, "Deployment", "gateway", "gateway")
     _, loop = _container(BASE_OBJS, "Deployment", "loop", "loop")
     train = _train_job()["spec"]["template"]["spec"]["containers"][0]
     for container, sub in [(gw, "serve"), (loop, "loop"), (train, "train")]:
@@ -496,7 +590,7 @@ def test_every_flag_in_the_manifests_is_a_flag_of_its_command():
 
 
 def _gateway_args() -> list[str]:
-    _, gw = _container(BASE_OBJS, "StatefulSet", "gateway", "gateway")
+    _, gw = _container(BASE_OBJS, "Deployment", "gateway", "gateway")
     return gw["args"]
 
 
@@ -524,14 +618,20 @@ def test_gateway_config_and_flags_load_with_the_gateways_own_loader(tmp_path, mo
     for k in list(os.environ):
         if k.startswith("SPECIALIST_ROUTER__"):
             monkeypatch.delenv(k)
-    monkeypatch.setenv("SPECIALIST_ROUTER__BACKEND__API_KEY", "from-the-secret")   # the env name the pod sets
+    _, gw = _container(BASE_OBJS, "Deployment", "gateway", "gateway")
+    env = _pod_env(gw)                                 # what the pod sets, Secret values from the templates
+    for k, v in env.items():
+        if k.startswith("SPECIALIST_ROUTER__") or k == "PGPASSWORD":
+            monkeypatch.setenv(k, v)
     monkeypatch.setenv("SPECIALIST_ROUTER_HOME", str(tmp_path / "home"))           # load() rewrites it: restored
     cfg = router_config.load(path, overrides)
-    assert cfg.backend.api_key == "from-the-secret"
-    assert cfg.backend.external and cfg.backend.url.startswith("http://vllm-")
+    assert cfg.backend.api_key == _secret_value("vllm-api-key", "api-key")
+    assert cfg.backend.external and not cfg.backend.url
+    assert list(cfg.backend.urls) == CONFIG["backend"]["urls"] and cfg.backend.adapter_slots == 0
+    assert cfg.logs.url == _secret_value(PG_SECRET, "url") and not cfg.logs.path   # PostgreSQL, not SQLite
     assert cfg.host == "0.0.0.0" and cfg.auth.enabled and cfg.logs.enabled and cfg.http.enabled
     assert cfg.registry == CONFIG["registry"] and cfg.data_dir == "/data"
-    pod, gw = _container(BASE_OBJS, "StatefulSet", "gateway", "gateway")
+    pod, gw = _container(BASE_OBJS, "Deployment", "gateway", "gateway")
     ports = {p["name"]: p["containerPort"] for p in gw["ports"]}
     assert ports == {"grpc": cfg.port, "http": cfg.http.port}
     assert (gw["readinessProbe"]["httpGet"]["scheme"] == "HTTPS") == bool(CONFIG["tls"]["cert_file"])
@@ -547,7 +647,7 @@ def test_gateway_config_and_flags_load_with_the_gateways_own_loader(tmp_path, mo
 
 
 def test_gateway_secrets_reach_the_paths_the_config_names_with_mode_0600():
-    pod, gw = _container(BASE_OBJS, "StatefulSet", "gateway", "gateway")
+    pod, gw = _container(BASE_OBJS, "Deployment", "gateway", "gateway")
     init = next(c for c in pod["initContainers"] if c["name"] == "secrets")
     script = init["command"][-1]
     copies = {}
@@ -613,13 +713,15 @@ def test_loop_config_and_its_training_children_load(tmp_path, monkeypatch):
         if k.startswith(("SPECIALIST_ROUTER_LOOP__", "SPECIALIST_ROUTER_TRAIN__")):
             monkeypatch.delenv(k)
     monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)   # a GPU container sees its one GPU as cuda:0
+    url = _secret_value(PG_SECRET, "url")
     path = _config_file(tmp_path)
     _, loop = _container(BASE_OBJS, "Deployment", "loop", "loop")
     ns = cli.build_parser().parse_args(loop["args"])
     assert ns.config == f"{CONFIG_MOUNT}/config.yaml" and ns.loop_cmd is None     # `loop`: run until stopped
+    monkeypatch.setenv("SPECIALIST_ROUTER_LOOP__DB", _pod_env(loop)["SPECIALIST_ROUTER_LOOP__DB"])
     cfg = loop_config.load(str(path))
     assert cfg.device == "cuda:0" and str(cfg.registry_root()) == CONFIG["registry"]
-    assert str(cfg.db_path()) == CONFIG["logs"]["path"]
+    assert cfg.db_path() == url and cfg.db_exists()     # the gateways' store, as a URL (no file to wait for)
     # the command loop/controller.py starts for a run, parsed and loaded by `train` itself
     child = ["train", "--task", "code", "--profile", cfg.profile, "--device", cfg.device, "--db", str(cfg.db_path()),
              "--registry", str(cfg.registry_root()), "--until", "1700000000.000000", "--run-dir", str(tmp_path / "r"),
@@ -628,12 +730,14 @@ def test_loop_config_and_its_training_children_load(tmp_path, monkeypatch):
         child += ["--set", kv]
     tcfg = config_from_args(cli.build_parser().parse_args(child))
     assert tcfg.base_model == CONFIG["backend"]["model"] and tcfg.batch_size == 1 and tcfg.device == "cuda:0"
-    # and the training Job's own command line
+    assert tcfg.db == url
+    # and the training Job's own command line, with the environment its pod gets
     job = _train_job()["spec"]["template"]["spec"]["containers"][0]
+    monkeypatch.setenv("SPECIALIST_ROUTER_TRAIN__DB", _pod_env(job)["SPECIALIST_ROUTER_TRAIN__DB"])
     jcfg = config_from_args(cli.build_parser().parse_args(job["args"]))
     assert (jcfg.task, jcfg.profile, jcfg.device, jcfg.base_model) == ("code", "standard", "cuda:0",
                                                                       CONFIG["backend"]["model"])
-    assert not jcfg.deploy
+    assert jcfg.db == url and not jcfg.deploy
 
 
 def test_loop_is_a_single_recreated_replica():
@@ -665,6 +769,17 @@ def test_commands_in_the_kubernetes_guide_parse_with_the_cli():
     blocks = re.findall(r"```bash\n(.*?)```", text, flags=re.S)
     lines = [line.split(" -- specialist-router ", 1)[1] for b in blocks for line in b.splitlines()
              if " -- specialist-router " in line]
+    # `exec deploy/X -- sh -c 'specialist-router ... "$VAR"'`: VAR is expanded in the pod, from X's environment
+    for b in blocks:
+        for line in b.splitlines():
+            if " -- sh -c " in line:
+                target = re.search(r"exec deploy/([\w-]+)", line).group(1)
+                script = shlex.split(line.split(" -- ", 1)[1], comments=True)[2]
+                assert script.startswith("specialist-router "), line
+                env = _pod_env(_container(BASE_OBJS, "Deployment", target, target)[1])
+                for var in re.findall(r"\$\{?(\w+)", script):
+                    assert var in env, f"{line}: {var} is not set in {target}"
+                lines.append(re.sub(r"\$\{?(\w+)\}?", lambda m: env[m.group(1)], script)[len("specialist-router "):])
     assert len(lines) >= 5
     parser = cli.build_parser()
     for line in lines:

@@ -245,7 +245,7 @@ async def test_roles_without_write_rights_fail_cleanly(postgres_server, pg_url):
 async def test_server_outage_fails_fast_and_the_writer_recovers():
     """The server goes away under the writer: writes fail with LogWriteError (fast, not one timeout per record),
     the writer reports it; the server comes back on the same port and the same store writes again."""
-    from conftest import PostgresServer
+    from pg_fixtures import PostgresServer
 
     server = PostgresServer()  # its own server: this test stops it
     try:

@@ -167,3 +167,64 @@ def test_kill_9_of_a_replica_under_load(replicated, poll):
         listed = c.list_adapters()
     assert [x.up for x in listed.replicas] == [True, True]
     assert [x.restarts for x in listed.replicas] == [r.managed.restarts for r in b.replicas]
+
+
+# ------------------------------------------------------------------- slots and lost adapters (the session vLLM)
+
+def _external(gateway_factory, vllm_server, **backend):
+    return gateway_factory({"backend": {"url": "", "urls": [vllm_server.url], **backend}})
+
+
+def test_full_slots_wait_then_resource_exhausted_then_evict_the_idle_one(gateway_factory, vllm_server, model_dir,
+                                                                         tmp_path, make_lora, poll):
+    gw = _external(gateway_factory, vllm_server, adapter_slots=1, slot_wait_s=2)
+    r0 = gw.server.backend.replicas[0]
+    a, b = make_lora(model_dir, tmp_path / "slot-a", seed=5), make_lora(model_dir, tmp_path / "slot-b", seed=6)
+    with Client(gw.target, timeout=300, retry=RetryPolicy(attempts=1)) as c:
+        c.load_adapter("slot-a", str(a))
+        c.load_adapter("slot-b", str(b))  # one slot: the idle slot-a is evicted to make room
+        assert sorted(r0.held) == ["slot-b"]
+        long = c.stream(prompt(1), adapter="slot-b", max_tokens=1500, temperature=1.0, seed=3)
+        assert next(long) is not None
+        poll(lambda: r0.by_adapter["slot-b"] == 1, timeout_s=30, what="slot-b to be busy")
+        with pytest.raises(GatewayError) as e:
+            c.generate(prompt(2), adapter="slot-a", max_tokens=4)
+        assert e.value.code.name == "RESOURCE_EXHAUSTED" and "adapter_slots" in e.value.message
+        long.close()  # the busy adapter goes idle: the next request may evict it
+        poll(lambda: r0.by_adapter["slot-b"] == 0, timeout_s=30, what="slot-b to go idle")
+        assert c.generate(prompt(2), adapter="slot-a", max_tokens=4).adapter == "slot-a"
+        assert sorted(r0.held) == ["slot-a"]
+        c.unload_adapter("slot-a")
+        c.unload_adapter("slot-b")
+
+
+def test_adapter_lost_behind_the_gateways_back_is_loaded_again(gateway_factory, vllm_server, model_dir, tmp_path,
+                                                              make_lora):
+    import httpx
+
+    gw = _external(gateway_factory, vllm_server)
+    path = make_lora(model_dir, tmp_path / "lost", seed=8)
+    with Client(gw.target, timeout=300, retry=RetryPolicy(attempts=1)) as c:
+        c.load_adapter("lost-one", str(path))
+        first = c.generate(prompt(3), adapter="lost-one", max_tokens=8, temperature=0)
+        # another gateway sharing the replica (or a vLLM restart the gateway did not see) drops it
+        r = httpx.post(vllm_server.url + "/v1/unload_lora_adapter", json={"lora_name": "lost-one"},
+                       headers=vllm_server.headers, timeout=60)
+        assert r.status_code == 200, r.text
+        again = c.generate(prompt(3), adapter="lost-one", max_tokens=8, temperature=0)
+        assert again.adapter == "lost-one" and again.text == first.text
+        c.unload_adapter("lost-one")
+
+
+def test_a_dead_replica_in_the_list_is_skipped(gateway_factory, vllm_server):
+    from router.managed import free_port
+
+    dead = f"http://127.0.0.1:{free_port()}"
+    gw = gateway_factory({"backend": {"url": "", "urls": [dead, vllm_server.url]}})
+    b = gw.server.backend
+    assert [r.serving() for r in b.replicas] == [False, True]
+    with Client(gw.target, timeout=300, retry=RetryPolicy(attempts=1)) as c:
+        assert all(c.generate(prompt(i), max_tokens=4).text for i in range(4))
+        listed = c.list_adapters().replicas
+    assert [(x.url, x.up) for x in listed] == [(dead, False), (vllm_server.url, True)]
+    assert b.replicas[0].backend.stats.requests == 0 and b.replicas[1].backend.stats.requests == 4
