@@ -8,6 +8,11 @@
    `quick` profile unless `--set` overrides) triggers a training run, the candidate passes the gate, goes into a
    canary at `--share` and is promoted once `--min-samples` live requests of each arm are judged. Reported: seconds from the
    trigger to the canary start (training + gate) and to the promotion.
+3. `--canary-throughput`: gateway throughput with a canary active vs without, side by side: production
+   specialists for three tasks, 8 concurrent clients sending real ShareGPT first turns over the three tasks and the
+   base model (32 new tokens, greedy); rounds alternate between no canary and a canary of `code` at `--share`
+   (started and ended in the registry between rounds, applied by the gateway's poll). Reported: tokens/s per mode
+   and the ratio canary / no canary.
 """
 from __future__ import annotations
 
@@ -142,10 +147,90 @@ def promotion(args, work: Path, url: str, model: str, api_key: str) -> dict:
         asyncio.run_coroutine_threadsafe(server.stop(grace_s=1), loop).result(120)
 
 
+def canary_throughput(args, work: Path, url: str, model: str, api_key: str) -> dict:
+    from lora_fixtures import make_lora
+
+    from adapters.registry import Registry
+    from basemodel import fingerprint
+    from convlog.sharegpt import first_turn_prompts
+    from router.client import AsyncClient, GatewayError, RetryPolicy
+
+    work.mkdir(parents=True, exist_ok=True)
+    reg = Registry(work / "registry")
+    kw = dict(base_model_id="HuggingFaceTB/SmolLM2-135M-Instruct", base_fingerprint=fingerprint(model))
+    tasks = ["code", "math", "writing"]
+    for i, t in enumerate(tasks):
+        reg.register(t, make_lora(model, work / f"{t}-1", seed=200 + i), **kw)
+        reg.set_alias(t, "production", "1", reason="bench setup")
+    reg.register("code", make_lora(model, work / "code-2", seed=210), **kw)  # the canary version
+    loop = asyncio.new_event_loop()
+    import threading
+
+    threading.Thread(target=loop.run_forever, daemon=True).start()
+    server = asyncio.run_coroutine_threadsafe(_gateway(work / "registry", work / "logs.sqlite3", url, model, api_key),
+                                              loop).result(600)
+    prompts = first_turn_prompts(args.rounds * args.requests + 50, max_chars=400)
+    mix = tasks + ["base"]
+
+    async def one_round(batch: list[tuple[str, str]]) -> tuple[int, float, int, int]:
+        queue, tokens, errors, canary = list(reversed(batch)), 0, 0, 0
+
+        async def worker():
+            nonlocal tokens, errors, canary
+            async with AsyncClient(server.target, timeout=600, retry=RetryPolicy(attempts=1)) as c:
+                while queue:
+                    task, text = queue.pop()
+                    try:
+                        r = await c.generate([{"role": "user", "content": text}], max_tokens=32, temperature=0,
+                                             **({"adapter": "base"} if task == "base" else {"task": task}))
+                        tokens += r.usage.completion_tokens
+                        canary += r.route.reason == "canary"
+                    except GatewayError:
+                        errors += 1
+        t0 = time.perf_counter()
+        await asyncio.gather(*(worker() for _ in range(8)))
+        return tokens, time.perf_counter() - t0, errors, canary
+
+    def wait_for(active: bool) -> None:
+        deadline = time.monotonic() + 300
+        while ("code" in server.table.canaries) != active:
+            if time.monotonic() > deadline:
+                raise RuntimeError("the gateway did not apply the canary change within 300 s")
+            time.sleep(0.2)
+
+    per = {"no canary": [0, 0.0, 0, 0], "canary": [0, 0.0, 0, 0]}
+    try:
+        asyncio.run(one_round([(mix[i % 4], prompts[i]) for i in range(8)]))  # warm-up
+        k = 8
+        for rnd in range(args.rounds):
+            batch = [(mix[(k + i) % 4], prompts[k + i]) for i in range(args.requests)]
+            k += args.requests
+            for mode in (("no canary", "canary") if rnd % 2 == 0 else ("canary", "no canary")):
+                if mode == "canary":
+                    reg.start_canary("code", "2", args.share, reason="bench")
+                else:
+                    if reg.canary("code") is not None:
+                        reg.end_canary("code", "cancelled", reason="bench")
+                wait_for(mode == "canary")
+                res = asyncio.run(one_round(batch))
+                per[mode] = [a + b for a, b in zip(per[mode], res)]
+                print(f"round {rnd} {mode:10} {res[0] / res[1]:6.1f} tok/s, {res[2]} errors, {res[3]} canary answers",
+                      flush=True)
+    finally:
+        asyncio.run_coroutine_threadsafe(server.stop(grace_s=1), loop).result(120)
+    out = {m: dict(tok_s=v[0] / v[1], errors=v[2], canary_answers=v[3]) for m, v in per.items()}
+    out["ratio_canary_over_none"] = out["canary"]["tok_s"] / out["no canary"]["tok_s"]
+    out["share"] = args.share
+    return out
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--rollback", action="store_true")
     p.add_argument("--promotion", action="store_true")
+    p.add_argument("--canary-throughput", action="store_true")
+    p.add_argument("--rounds", type=int, default=4, help="rounds per mode (--canary-throughput)")
+    p.add_argument("--requests", type=int, default=48, help="requests per round (--canary-throughput)")
     p.add_argument("--share", type=float, default=0.2, help="canary share (the loop's default)")
     p.add_argument("--max-requests", type=int, default=300)
     p.add_argument("--max-tokens", type=int, default=64)
@@ -167,6 +252,10 @@ def main(argv=None) -> int:
             if args.rollback:
                 out["rollback"] = rollback(args, Path(d) / "rollback", managed.url, model, managed.api_key)
                 print(json.dumps(out["rollback"], indent=2, default=str), flush=True)
+            if args.canary_throughput:
+                out["canary_throughput"] = canary_throughput(args, Path(d) / "canary-tp", managed.url, model,
+                                                             managed.api_key)
+                print(json.dumps(out["canary_throughput"], indent=2, default=str), flush=True)
             if args.promotion:
                 out["promotion"] = promotion(args, Path(d) / "promotion", managed.url, model, managed.api_key)
                 print(json.dumps(out["promotion"], indent=2, default=str), flush=True)

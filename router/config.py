@@ -38,6 +38,11 @@ class BackendConfig:
                       choices=("affinity", "round_robin"))
     affinity_spill: int = _s(8, "Load an adapter onto one more replica when every replica holding it has this many "
                                 "more requests in flight than a replica with a free slot. 0: never spread.")
+    priority: str = _s("auto", "vLLM priority scheduling for the gateway's own requests (a deploy's one-token smoke test "
+                               "goes ahead of queued traffic): on | off | auto (on for managed replicas, which are "
+                               "started with --scheduling-policy priority; off for external ones: turn it on only if "
+                               "they run with that flag, vLLM refuses a priority otherwise).",
+                       choices=("auto", "on", "off"))
     slot_wait_s: float = _s(30.0, "How long a request waits for an adapter slot when every slot on every replica is "
                                   "busy (then RESOURCE_EXHAUSTED).")
     model: str = _s("", "Model path or id served by vLLM. Empty: the prepared embedded default (SmolLM2-135M-Instruct).",
@@ -63,6 +68,10 @@ class BackendConfig:
     @property
     def external(self) -> bool:
         return self.mode == "external" or (self.mode == "auto" and bool(self.url or self.urls))
+
+    @property
+    def use_priority(self) -> bool:
+        return self.priority == "on" or (self.priority == "auto" and not self.external)
 
     @property
     def backend_urls(self) -> list[str]:

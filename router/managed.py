@@ -40,6 +40,8 @@ def vllm_command(cfg: BackendConfig, model: str, port: int, served_name: str | N
            "--dtype", cfg.dtype, "--max-model-len", str(cfg.max_model_len),
            "--enable-lora", "--max-loras", str(cfg.max_loras), "--max-cpu-loras", str(cfg.max_cpu_loras),
            "--max-lora-rank", str(cfg.max_lora_rank), "--disable-uvicorn-access-log"]
+    if cfg.use_priority:  # the gateway's smoke tests jump the queue (`priority` in the request; 0 for user traffic)
+        cmd += ["--scheduling-policy", "priority"]
     if served_name:
         cmd += ["--served-model-name", served_name]
     return cmd + [str(a) for a in cfg.extra_args]

@@ -100,7 +100,7 @@ def _rank(name: str, replica: Replica) -> int:
 
 class ReplicaSet:
     def __init__(self, replicas: list[Replica], *, slots: int = 0, balance: str = "affinity", spill: int = 8,
-                 slot_wait_s: float = 30.0):
+                 slot_wait_s: float = 30.0, priority: bool = False):
         if not replicas:
             raise ValueError("a ReplicaSet needs at least one replica")
         self.replicas = replicas
@@ -108,6 +108,7 @@ class ReplicaSet:
         self.balance = balance
         self.spill = spill
         self.slot_wait_s = slot_wait_s
+        self.priority = priority  # the replicas run --scheduling-policy priority: smoke tests go first
         self.known: dict[str, str] = {}  # adapters this gateway serves: name -> folder
         self.metrics = NO_METRICS
         self._rr = itertools.count()
@@ -393,6 +394,8 @@ class ReplicaSet:
     async def smoke(self, name: str, timeout_s: float) -> None:
         """One greedy token from `name` on every serving replica that holds it."""
         payload = {"model": name, "messages": [{"role": "user", "content": "ping"}], "max_tokens": 1, "temperature": 0}
+        if self.priority:
+            payload["priority"] = -100  # ahead of queued user requests (0), so a deploy does not wait behind them
         for r in self.serving():
             if name in r.held:
                 async for _ in self.chat_stream(payload, timeout_s=timeout_s, adapter=name, replica=r):

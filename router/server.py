@@ -118,7 +118,8 @@ async def _backend(cfg: GatewayConfig, progress) -> tuple[ReplicaSet, str, str |
     """(the replica set, served model, local model folder or None). Managed replicas are started in parallel; an
     external replica that is down at startup is taken in when it answers."""
     b = cfg.backend
-    kw = dict(slots=b.adapter_slots, balance=b.balance, spill=b.affinity_spill, slot_wait_s=b.slot_wait_s)
+    kw = dict(slots=b.adapter_slots, balance=b.balance, spill=b.affinity_spill, slot_wait_s=b.slot_wait_s,
+              priority=b.use_priority)
     if not b.external:
         model = basemodel.resolve(b.model)
         procs = []

@@ -412,6 +412,8 @@ def test_vllm_serves_what_the_gateway_config_expects():
     assert int(f["--max-lora-rank"][0]) == b["max_lora_rank"] == 64
     assert int(f["--max-model-len"][0]) == b["max_model_len"]
     assert int(f["--port"][0]) == 8000
+    # the gateway sends its deploy smoke tests with a priority only to a vLLM that schedules by priority
+    assert b["priority"] == "on" and f["--scheduling-policy"] == ["priority"]
     env = {e["name"]: e for e in vc["env"]}
     assert env["VLLM_ALLOW_RUNTIME_LORA_UPDATING"]["value"] == "True"
     assert env["VLLM_API_KEY"]["valueFrom"]["secretKeyRef"] == {"name": "vllm-api-key", "key": "api-key"}
