@@ -1,4 +1,4 @@
-"""`python bench/loop_bench.py`: the loop controller's two figures, on the embedded default.
+"""`python bench/loop_bench.py`: the loop controller's figures, on the embedded default.
 
 1. `--rollback`: a broken candidate (a real LoRA with large random weights, registered directly) goes into a canary
    at `--share` of the task's traffic beside a healthy production specialist; real ShareGPT prompts are sent one by
@@ -6,7 +6,8 @@
    the candidate answered (users who saw its answers), failed requests.
 2. `--promotion`: real ShareGPT conversations imported into an empty log store; the loop (as its own process, the
    `quick` profile unless `--set` overrides) triggers a training run, the candidate passes the gate, goes into a
-   canary at `--share` and is promoted once `--min-samples` live requests of each arm are judged. Reported: seconds from the
+   canary at `--share` and is promoted once `--min-samples` live requests of each arm are judged; `--clients`
+   users send the task's live traffic meanwhile (default 1, one request at a time). Reported: seconds from the
    trigger to the canary start (training + gate) and to the promotion.
 3. `--canary-throughput`: gateway throughput with a canary active vs without, side by side: production
    specialists for three tasks, 8 concurrent clients sending real ShareGPT first turns over the three tasks and the
@@ -24,6 +25,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -61,8 +63,6 @@ def rollback(args, work: Path, url: str, model: str, api_key: str) -> dict:
                  base_fingerprint=fp)
     reg.set_alias("code", "production", "1", reason="bench")
     loop = asyncio.new_event_loop()
-    import threading
-
     threading.Thread(target=loop.run_forever, daemon=True).start()
     server = asyncio.run_coroutine_threadsafe(_gateway(work / "registry", work / "logs.sqlite3", url, model, api_key),
                                               loop).result(600)
@@ -115,8 +115,6 @@ def promotion(args, work: Path, url: str, model: str, api_key: str) -> dict:
         "min_samples": args.min_samples, "profile": "quick",
         "train_set": [f"base_model={model}", *args.set]}}))
     loop = asyncio.new_event_loop()
-    import threading
-
     threading.Thread(target=loop.run_forever, daemon=True).start()
     server = asyncio.run_coroutine_threadsafe(_gateway(work / "registry", db, url, model, api_key), loop).result(600)
     proc = subprocess.Popen([sys.executable, "-m", "cli", "loop", "--config", str(cfg)], cwd=ROOT,
@@ -130,16 +128,34 @@ def promotion(args, work: Path, url: str, model: str, api_key: str) -> dict:
             time.sleep(2)
         t_canary = time.perf_counter()
         hist = [h for h in reg.history("code") if h.get("alias") == "canary" and h.get("outcome")]
-        prompts = iter(first_turn_prompts(2000, max_chars=400))
-        with Client(server.target, timeout=300) as c:
-            while not hist:
-                c.generate(next(prompts), task="code", max_tokens=args.max_tokens, temperature=0)
-                hist = [h for h in reg.history("code") if h.get("alias") == "canary" and h.get("outcome")]
+        prompts = iter(first_turn_prompts(4000, max_chars=400))
+        lock = threading.Lock()
+        sent = [0]
+
+        def client() -> None:  # live traffic for the task: `--clients` users, one request after another each
+            with Client(server.target, timeout=300) as c:
+                while not done.is_set():
+                    with lock:
+                        text = next(prompts)
+                        sent[0] += 1
+                    c.generate(text, task="code", max_tokens=args.max_tokens, temperature=0)
+
+        done = threading.Event()
+        users = [threading.Thread(target=client, daemon=True) for _ in range(args.clients)]
+        for u in users:
+            u.start()
+        while not hist:
+            time.sleep(1)
+            hist = [h for h in reg.history("code") if h.get("alias") == "canary" and h.get("outcome")]
         t_end = time.perf_counter()
+        done.set()
+        for u in users:
+            u.join(300)
         state = json.loads((work / "loop" / "state.json").read_text())
         return {"imported": imported.__dict__ if hasattr(imported, "__dict__") else str(imported),
                 "import_s": round(import_s, 1), "trigger_to_canary_s": round(t_canary - t_trigger, 1),
-                "trigger_to_decision_s": round(t_end - t_trigger, 1), "outcome": hist[-1]["outcome"],
+                "trigger_to_decision_s": round(t_end - t_trigger, 1), "clients": args.clients,
+                "requests_during_canary": sent[0], "outcome": hist[-1]["outcome"],
                 "rule": hist[-1]["reason"], "production": reg.aliases("code")["production"],
                 "last": state["tasks"]["code"]["last"]}
     finally:
@@ -164,8 +180,6 @@ def canary_throughput(args, work: Path, url: str, model: str, api_key: str) -> d
         reg.set_alias(t, "production", "1", reason="bench setup")
     reg.register("code", make_lora(model, work / "code-2", seed=210), **kw)  # the canary version
     loop = asyncio.new_event_loop()
-    import threading
-
     threading.Thread(target=loop.run_forever, daemon=True).start()
     server = asyncio.run_coroutine_threadsafe(_gateway(work / "registry", work / "logs.sqlite3", url, model, api_key),
                                               loop).result(600)
@@ -229,6 +243,7 @@ def main(argv=None) -> int:
     p.add_argument("--rollback", action="store_true")
     p.add_argument("--promotion", action="store_true")
     p.add_argument("--canary-throughput", action="store_true")
+    p.add_argument("--clients", type=int, default=1, help="concurrent users sending the task's traffic (--promotion)")
     p.add_argument("--rounds", type=int, default=4, help="rounds per mode (--canary-throughput)")
     p.add_argument("--requests", type=int, default=48, help="requests per round (--canary-throughput)")
     p.add_argument("--share", type=float, default=0.2, help="canary share (the loop's default)")

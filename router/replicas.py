@@ -41,6 +41,7 @@ from router.metrics import NO_METRICS
 log = logging.getLogger("router.replicas")
 
 BALANCE = ("affinity", "round_robin")
+HEALTH_FAILURES = 2  # consecutive failed /health polls that take a replica out (a refused connection does at once)
 
 
 class Replica:
@@ -61,6 +62,7 @@ class Replica:
         self.loads = 0
         self.unloads = 0
         self.failovers = 0  # requests moved away from this replica before their first token
+        self.health_failures = 0  # consecutive failed /health polls
         self.last_error = ""
 
     @property
@@ -165,11 +167,15 @@ class ReplicaSet:
         m = r.managed
         if m is not None and m.restarting:
             return  # its supervisor restarts it and restores its adapters (the gateway's on_restart)
-        ok = (m is None or m.alive()) and await r.backend.health()
+        if m is not None and not m.alive():
+            self.mark_down(r, "the managed vLLM process exited")
+            return
+        ok = await r.backend.health()
+        r.health_failures = 0 if ok else r.health_failures + 1
         if ok and not r.up and not r.restoring:
             await self.restore(r)
-        elif not ok and r.up:
-            self.mark_down(r, "/health does not answer")
+        elif r.up and r.health_failures >= HEALTH_FAILURES:  # one slow answer on a busy host is not a dead replica
+            self.mark_down(r, f"/health did not answer {r.health_failures} times in a row")
 
     async def check_all(self) -> None:
         await asyncio.gather(*(self.check(r) for r in self.replicas))
@@ -323,9 +329,8 @@ class ReplicaSet:
         except RouterError:
             self.metrics.adapter_loaded("error")
             raise
-        else:
-            r.loads += 1
-            self.metrics.adapter_loaded("ok")
+        r.loads += 1
+        self.metrics.adapter_loaded("ok")
         r.held[name] = time.monotonic()
 
     async def _unload_from(self, r: Replica, name: str) -> None:
