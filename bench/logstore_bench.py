@@ -36,7 +36,8 @@ def pct(xs: list[float], q: float) -> float:
 
 
 def records(k: int) -> list:
-    from convlog.sharegpt import conversation_to_record, iter_conversations
+    from convlog.sharegpt import iter_conversations
+    from convlog.sharegpt_import import conversation_to_record
 
     out = []
     for c in iter_conversations(limit=k * 2):
