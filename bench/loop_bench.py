@@ -220,11 +220,11 @@ def canary_throughput(args, work: Path, url: str, model: str, api_key: str) -> d
             batch = [(mix[(k + i) % 4], prompts[k + i]) for i in range(args.requests)]
             k += args.requests
             for mode in (("no canary", "canary") if rnd % 2 == 0 else ("canary", "no canary")):
-                if mode == "canary":
+                live = reg.canary("code") is not None
+                if mode == "canary" and not live:
                     reg.start_canary("code", "2", args.share, reason="bench")
-                else:
-                    if reg.canary("code") is not None:
-                        reg.end_canary("code", "cancelled", reason="bench")
+                elif mode == "no canary" and live:
+                    reg.end_canary("code", "cancelled", reason="bench")
                 wait_for(mode == "canary")
                 res = asyncio.run(one_round(batch))
                 per[mode] = [a + b for a, b in zip(per[mode], res)]
