@@ -55,6 +55,7 @@ class Replica:
         self.up = False  # answers /health and holds its adapters
         self.restoring = False
         self.held: dict[str, float] = {}  # adapter -> last use (monotonic)
+        self.adopted: set[str] = set()  # held when the gateway started (loaded by someone else): no slot, never evicted
         self.loading: dict[str, asyncio.Task] = {}
         self.evicting: set[str] = set()
         self.in_flight = 0
@@ -77,11 +78,12 @@ class Replica:
         return name in self.held and name not in self.evicting
 
     def used_slots(self) -> int:
-        return len(self.held) + len(self.loading)
+        return len(self.held) + len(self.loading) - len(self.adopted & self.held.keys())
 
     def victim(self) -> str | None:
-        """The least recently used adapter with no request on this replica (evictable), or None."""
-        idle = [(t, n) for n, t in self.held.items() if self.by_adapter[n] == 0 and n not in self.evicting]
+        """The least recently used adapter this gateway loaded with no request on this replica (evictable), or None."""
+        idle = [(t, n) for n, t in self.held.items()
+                if self.by_adapter[n] == 0 and n not in self.evicting and n not in self.adopted]
         return min(idle)[1] if idle else None
 
     def describe(self) -> dict:
@@ -206,6 +208,7 @@ class ReplicaSet:
         for m in listed:
             if m.get("parent"):
                 r.held[m["id"]] = time.monotonic()
+                r.adopted.add(m["id"])
                 self.known.setdefault(m["id"], str(m.get("root", "")))
 
     # ------------------------------------------------------------------------------ placement
@@ -346,6 +349,7 @@ class ReplicaSet:
             self.metrics.adapter_unloaded("ok")
         finally:
             r.held.pop(name, None)
+            r.adopted.discard(name)
             self._notify()
 
     def _release(self, r: Replica, name: str) -> None:
