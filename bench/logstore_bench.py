@@ -35,20 +35,6 @@ def pct(xs: list[float], q: float) -> float:
     return s[min(len(s) - 1, int(round(q / 100 * (len(s) - 1))))] if s else float("nan")
 
 
-def records(k: int) -> list:
-    from convlog.sharegpt import iter_conversations
-    from convlog.sharegpt_import import conversation_to_record
-
-    out = []
-    for c in iter_conversations(limit=k * 2):
-        r = conversation_to_record(c, created_at=time.time())
-        if r is not None:
-            out.append(r)
-        if len(out) >= k:
-            break
-    return out
-
-
 async def timed_writes(writer, recs: list, n: int, concurrency: int, tag: str) -> dict:
     lat: list[float] = []
     counter = iter(range(n))
@@ -114,6 +100,7 @@ def main() -> int:
     ap.add_argument("--json-out")
     args = ap.parse_args()
 
+    from logs_bench import sample_records
     from pg_fixtures import PostgresServer
 
     from convlog.sharegpt import first_turn_prompts
@@ -125,7 +112,7 @@ def main() -> int:
     out: dict = {"writes": args.writes, "rounds": args.rounds}
     try:
         urls = {"sqlite": str(tmp / "writes.sqlite3"), "postgresql": pg.url(pg.new_database())}
-        recs = records(400)
+        recs = sample_records(400)  # the same real ShareGPT records as bench/logs_bench.py
         print(f"1. durable write latency, {args.writes} real ShareGPT records per store, concurrency and round",
               flush=True)
         lat: dict = {}
